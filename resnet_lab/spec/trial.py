@@ -1,0 +1,215 @@
+"""Typed configuration of one training run: dataset, model, trainer recipe and seed.
+
+These are the objects the trainer receives. Every default lives here (recipes included); nothing downstream
+does `cfg.get("lr", 0.01)`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from resnet_lab.spec.base import StrictModel
+from resnet_lab.spec.catalog import MODEL_CATALOG
+from resnet_lab.spec.loader import suggest
+
+DatasetName = Literal["cifar10", "cifar100", "svhn", "fashion_mnist", "synthetic"]
+DATASET_NAMES: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "fashion_mnist", "synthetic")
+
+DATA_ROOT_ENV = "RESNET_LAB_DATA"
+
+
+def default_data_root() -> Path:
+    """The data root when neither the spec nor the CLI names one: $RESNET_LAB_DATA, else ~/.cache/resnet-lab/data."""
+    env = os.environ.get(DATA_ROOT_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "resnet-lab" / "data"
+
+
+class SyntheticConfig(StrictModel):
+    """Shape of the generated dataset (`dataset.name: synthetic`): class-dependent patterns plus noise."""
+
+    train_size: int = Field(1024, gt=0, le=1_000_000)
+    test_size: int = Field(256, gt=0, le=1_000_000)
+    num_classes: int = Field(10, ge=2, le=1000)
+    channels: Literal[1, 3] = 3
+    image_size: int = Field(32, ge=8, le=256)
+    noise: float = Field(0.5, ge=0.0, le=10.0)  # std of the per-image noise, relative to the class pattern
+    seed: int = Field(0, ge=0)
+
+
+class DatasetConfig(StrictModel):
+    """Which data a run trains on and how the train set is split."""
+
+    name: DatasetName = "cifar10"
+    root: str | None = None  # None -> default_data_root()
+    download: bool = True  # fetch through torchvision when missing (needs the internet)
+    subset: int | None = Field(None, gt=0)  # use only the first N shuffled training images (quick runs)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = Field(0, ge=0)  # fixed across trial seeds so every trial validates on the same images
+    augment: bool | None = None  # None -> the dataset's default (crop+flip; crop only for digits)
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    def root_path(self) -> Path:
+        """The resolved, absolute data root."""
+        return (Path(self.root).expanduser() if self.root else default_data_root()).absolute()
+
+
+class ModelConfig(StrictModel):
+    """Architecture by name; fields left as None take the model's own default."""
+
+    name: str = "resnet"
+    depth: int | None = Field(None, gt=0)
+    block: Literal["basic", "bottleneck", "preact"] | None = None
+    width: float | None = Field(None, gt=0.0, le=16.0)  # channel multiplier
+    skip: bool | None = None  # residual models only; False is He et al.'s plain-net ablation
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)  # None -> the recipe's dropout
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
+        if name not in MODEL_CATALOG:
+            raise ValueError(f"'{name}' is not a known model{suggest(name, MODEL_CATALOG)} "
+                             f"(known: {', '.join(sorted(MODEL_CATALOG))})")
+        return name
+
+    @field_validator("depth", "block", "width", "skip", "dropout")
+    @classmethod
+    def _applicable(cls, value: Any, info: ValidationInfo) -> Any:
+        entry = MODEL_CATALOG.get(info.data.get("name", ""))
+        if value is None or entry is None:
+            return value
+        if info.field_name not in entry.params:
+            raise ValueError(f"'{info.field_name}' does not apply to model '{info.data['name']}'")
+        if info.field_name == "depth" and value not in entry.depths:
+            raise ValueError(f"depth {value} is not supported by '{info.data['name']}'; "
+                             f"supported: {', '.join(map(str, entry.depths))}")
+        return value
+
+    def build_kwargs(self, default_dropout: float) -> dict[str, Any]:
+        """Keyword arguments for `build_model(self.name, ...)`: the fields that were set, plus dropout."""
+        kwargs = {f: getattr(self, f) for f in ("depth", "block", "width", "skip") if getattr(self, f) is not None}
+        kwargs["dropout"] = self.dropout if self.dropout is not None else default_dropout
+        return kwargs
+
+
+Recipe = Literal["paper", "fast"]
+
+
+class TrainerConfig(StrictModel):
+    """Optimisation recipe and its knobs. None means "the recipe's value" (see RECIPES)."""
+
+    recipe: Recipe = "paper"
+    epochs: int = Field(30, gt=0, le=10_000)
+    batch_size: int | None = Field(None, gt=0, le=65_536)
+    optimizer: Literal["adam", "adamw", "sgd"] | None = None
+    lr: float | None = Field(None, gt=0.0, le=10.0)
+    momentum: float | None = Field(None, ge=0.0, lt=1.0)
+    nesterov: bool | None = None
+    weight_decay: float | None = Field(None, ge=0.0, le=1.0)
+    schedule: Literal["plateau", "onecycle", "cosine", "none"] | None = None
+    warmup_epochs: float | None = Field(None, ge=0.0)
+    plateau_patience: int | None = Field(None, ge=0)
+    plateau_factor: float | None = Field(None, gt=0.0, lt=1.0)
+    early_stopping_patience: int | None = Field(None, ge=0)  # 0 disables early stopping
+    label_smoothing: float | None = Field(None, ge=0.0, lt=1.0)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)  # default dropout for models that do not set their own
+    grad_clip: float | None = Field(None, gt=0.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU Ray (or CUDA_VISIBLE_DEVICES) gives us
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the model (compile time is reported separately)
+    threads: int | None = Field(None, gt=0, le=1024)  # torch intra-op threads; None leaves torch's default
+
+    def resolved(self) -> ResolvedTrainer:
+        """Fill every None from the recipe: the only place recipe defaults are applied."""
+        values = {**RECIPES[self.recipe], **{k: v for k, v in self.model_dump().items() if v is not None}}
+        return ResolvedTrainer(**values)
+
+
+class ResolvedTrainer(StrictModel):
+    """A TrainerConfig with every recipe default applied: what the trainer actually runs."""
+
+    recipe: Recipe
+    epochs: int
+    batch_size: int
+    optimizer: Literal["adam", "adamw", "sgd"]
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    schedule: Literal["plateau", "onecycle", "cosine", "none"]
+    warmup_epochs: float
+    plateau_patience: int
+    plateau_factor: float
+    early_stopping_patience: int
+    label_smoothing: float
+    dropout: float
+    grad_clip: float | None = None
+    device: Literal["auto", "cpu", "cuda"]
+    amp: bool
+    channels_last: bool
+    compile: bool
+    threads: int | None = None
+
+
+# The reference study: Adam lr 1e-3, batch 64, ReduceLROnPlateau on val loss, early stopping, dropout.
+# `fast`: the usual CIFAR speed recipe (SGD Nesterov 0.9, wd 5e-4, one-cycle with warm-up, label smoothing 0.1,
+# batch 512, lr 0.2 for batch 512 as in Goyal et al.'s 0.1 per 256).
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": dict(
+        batch_size=64, optimizer="adam", lr=1e-3, momentum=0.9, nesterov=False, weight_decay=0.0,
+        schedule="plateau", warmup_epochs=0.0, plateau_patience=3, plateau_factor=0.5,
+        early_stopping_patience=8, label_smoothing=0.0, dropout=0.3,
+    ),
+    "fast": dict(
+        batch_size=512, optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
+        schedule="onecycle", warmup_epochs=1.0, plateau_patience=3, plateau_factor=0.5,
+        early_stopping_patience=0, label_smoothing=0.1, dropout=0.0,
+    ),
+}
+
+
+class TrialConfig(StrictModel):
+    """Everything one training run needs: the trainer's only input."""
+
+    dataset: DatasetConfig = DatasetConfig()
+    model: ModelConfig = ModelConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flat `section.key` dict for Ray's param_space and MLflow params (None values dropped)."""
+        return flatten(self.model_dump(exclude_none=True))
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> TrialConfig:
+        """Rebuild from `to_flat()` output (what a Ray trial receives); keys outside the config are ignored."""
+        fields = set(cls.model_fields)
+        return cls.model_validate(unflatten({k: v for k, v in flat.items() if k.split(".", 1)[0] in fields}))
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'a.b': 1} -> {'a': {'b': 1}}."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
