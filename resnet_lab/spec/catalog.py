@@ -31,19 +31,19 @@ MODEL_CATALOG: dict[str, ModelEntry] = {
     "mini_resnet": ModelEntry(
         params=frozenset({"dropout", "skip", "width"}),
         residual=True,
-        doc="small residual net, ~2.8M params",
+        doc="ResNet-14: stem, 3 stages of 2 basic blocks (64-128-256), fc; ~2.8M params",
     ),
     "resnet": ModelEntry(
         params=frozenset({"depth", "block", "width", "skip", "dropout"}),
         depths=(8, 10, 18, 34, 50, 101, 152),
         residual=True,
-        doc="CIFAR-stem ResNet, 4 stages; basic blocks up to 34, bottleneck from 50",
+        doc="CIFAR-stem ResNet, 4 stages (3 at depth 8); basic blocks up to 34, bottleneck from 50; preact optional",
     ),
     "resnet_cifar": ModelEntry(
         params=frozenset({"depth", "width", "skip", "dropout"}),
         depths=(20, 32, 44, 56, 110),
         residual=True,
-        doc="He et al. 2016 CIFAR family, 6n+2 layers, 16-32-64 channels",
+        doc="He et al. 2016 CIFAR family, 6n+2 layers, 16-32-64 channels, parameter-free (option A) shortcuts",
     ),
 }
 
