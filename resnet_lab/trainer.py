@@ -1,0 +1,279 @@
+"""The plain PyTorch trainer: `fit(cfg, on_epoch)` knows nothing about Ray, MLflow, Optuna or rich.
+
+Reporting, checkpoint upload and early stopping by a scheduler arrive through `on_epoch`: Ray's glue reports and
+lets ASHA stop the actor; a test appends to a list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resnet_lab.checkpoint import TrainState
+from resnet_lab.data import DataSplits, DeviceLoader, load_data
+from resnet_lab.models import build_model, count_params
+from resnet_lab.optim import PER_STEP_SCHEDULES, build_optimizer, build_scheduler
+from resnet_lab.spec import ResolvedTrainer, TrialConfig
+
+Status = Literal["completed", "early_stopped", "diverged"]
+EVAL_BATCH = 1024
+DIVERGENCE_CHECK_STEPS = 50  # a NaN check forces a device sync; every 50 steps costs nothing measurable
+
+
+@dataclass
+class EpochMetrics:
+    """What one epoch produced. `state()` is valid only during the callback (it references live tensors)."""
+
+    epoch: int
+    metrics: dict[str, float]
+    final: bool
+    status: Status | None  # set on the final epoch
+    state: Callable[[], TrainState]
+
+
+@dataclass
+class RunResult:
+    """The outcome of `fit`."""
+
+    status: Status
+    metrics: dict[str, float]  # the final epoch's metrics, test/* included
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    params: int = 0
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """Independent 63-bit seeds per purpose (weights, order, augment, dropout) from one trial seed."""
+    purposes = ("weights", "order", "augment", "dropout")
+    return int(np.random.SeedSequence([seed, purposes.index(purpose)]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def select_device(tc: ResolvedTrainer) -> torch.device:
+    """The device to train on. "cuda" is the current device, so Ray's CUDA_VISIBLE_DEVICES decides which GPU."""
+    if tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device is 'cuda' but no CUDA device is visible to this process")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Conv and linear layers of the main path, in definition order (the model zoo keeps it = forward order).
+
+    Projection shortcuts (`downsample`) are left out: they are not counted in a ResNet's depth, and without them
+    the gradient-flow curves of skip on and skip off line up layer by layer.
+    """
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and "downsample" not in name.split(".")]
+
+
+class _Run:
+    """State of one `fit` call; split out so each phase is a short method."""
+
+    def __init__(self, cfg: TrialConfig, data: DataSplits, device: torch.device) -> None:
+        self.cfg, self.data, self.device = cfg, data, device
+        self.tc = cfg.trainer.resolved()
+        self.cuda = device.type == "cuda"
+        self.amp = self.cuda and self.tc.amp
+        self.memory_format = torch.channels_last if self.cuda and self.tc.channels_last else torch.contiguous_format
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, "weights"))
+            kwargs = cfg.model.build_kwargs(self.tc.dropout)
+            self.model = build_model(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                                     **kwargs)
+        self.params = count_params(self.model)
+        self.model.to(device=device, memory_format=self.memory_format)
+        self.forward = torch.compile(self.model) if self.tc.compile else self.model
+        self.layers = weighted_layers(self.model)
+        gen_device = device if self.cuda else "cpu"
+        self.order_gen = torch.Generator(gen_device).manual_seed(derive_seed(cfg.seed, "order"))
+        self.aug_gen = torch.Generator(gen_device).manual_seed(derive_seed(cfg.seed, "augment"))
+        self.train_loader = DeviceLoader(
+            *data.train, batch_size=self.tc.batch_size, mean=data.mean, std=data.std, shuffle=True,
+            drop_last=len(data.train[1]) > self.tc.batch_size, augment=data.augment_for(cfg.dataset.augment),
+            order_generator=self.order_gen, augment_generator=self.aug_gen, channels_last=self.memory_format
+            == torch.channels_last)
+        self.optimizer = build_optimizer(self.model, self.tc, device)
+        self.scheduler = build_scheduler(self.optimizer, self.tc, len(self.train_loader))
+        self.epoch = 0
+        self.best_val_loss, self.best_epoch, self.bad_epochs = math.inf, 0, 0
+        self.best_model: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, float]] = []
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def state(self) -> TrainState:
+        rng = {"order": self.order_gen.get_state(), "augment": self.aug_gen.get_state(),
+               "torch": torch.get_rng_state()}
+        if self.cuda:
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return TrainState(
+            epoch=self.epoch, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), rng=rng, best_val_loss=self.best_val_loss,
+            best_epoch=self.best_epoch, bad_epochs=self.bad_epochs, best_model=self.best_model,
+            history=list(self.history), config=self.cfg.to_flat())
+
+    def restore(self, state: TrainState) -> None:
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.order_gen.set_state(state.rng["order"].cpu())
+        self.aug_gen.set_state(state.rng["augment"].cpu())
+        torch.set_rng_state(state.rng["torch"].cpu())
+        if self.cuda and "cuda" in state.rng:
+            torch.cuda.set_rng_state(state.rng["cuda"].cpu(), self.device)
+        self.epoch, self.history = state.epoch, list(state.history)
+        self.best_val_loss, self.best_epoch, self.bad_epochs = state.best_val_loss, state.best_epoch, state.bad_epochs
+        self.best_model = state.best_model
+
+    # -- phases ----------------------------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over the training set; returns train metrics, gradient flow and throughput."""
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        grad_sum = torch.zeros(len(self.layers), device=self.device)
+        seen, steps = 0, 0
+        start = time.perf_counter()
+        for x, y in self.train_loader:
+            with self.autocast():
+                logits = self.forward(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=self.tc.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # Mean |grad| per weighted layer, input to output: the reference study's gradient-flow measure.
+            grad_sum += torch.stack([m.weight.grad.abs().mean().float() for _, m in self.layers])
+            if self.tc.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+            self.optimizer.step()
+            if self.tc.schedule in PER_STEP_SCHEDULES:
+                self.scheduler.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            steps += 1
+            if steps % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(loss_sum):
+                break
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        train_time = time.perf_counter() - start
+        out = {"train/loss": loss_sum.item() / max(seen, 1), "train/acc": correct.item() / max(seen, 1),
+               "throughput_img_s": seen / max(train_time, 1e-9)}
+        grads = (grad_sum / max(steps, 1)).tolist()
+        for i, ((name, _), g) in enumerate(zip(self.layers, grads, strict=True)):
+            out[f"grad/{i:03d}.{name}"] = g
+        out["grad/ratio_first_last"] = grads[0] / grads[-1] if grads[-1] > 0 else math.inf
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, split: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+        """(mean loss, accuracy) on a split, without augmentation."""
+        self.model.eval()
+        loader = DeviceLoader(*split, batch_size=EVAL_BATCH, mean=self.data.mean, std=self.data.std,
+                              channels_last=self.memory_format == torch.channels_last)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for x, y in loader:
+            with self.autocast():
+                logits = self.forward(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+        n = len(split[1])
+        return loss_sum.item() / n, correct.item() / n
+
+    def end_of_epoch(self, val_loss: float) -> bool:
+        """Update plateau schedule and early stopping; True when early stopping says stop."""
+        if self.tc.schedule == "plateau":
+            self.scheduler.step(val_loss)
+        if val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_epoch, self.bad_epochs = val_loss, self.epoch, 0
+            if self.tc.early_stopping_patience > 0:
+                self.best_model = copy.deepcopy(self.model.state_dict())
+            return False
+        self.bad_epochs += 1
+        return 0 < self.tc.early_stopping_patience <= self.bad_epochs
+
+    def final_metrics(self, status: Status) -> dict[str, float]:
+        """Test metrics, with the best-val-loss weights when early stopping kept them."""
+        if status != "diverged" and self.best_model is not None:
+            self.model.load_state_dict(self.best_model)
+        test_loss, test_acc = self.evaluate(self.data.test)
+        return {"test/loss": test_loss, "test/acc": test_acc, "params": float(self.params),
+                "best_epoch": float(self.best_epoch), "diverged": float(status == "diverged")}
+
+    def epochs(self) -> Iterator[tuple[dict[str, float], Status | None]]:
+        """Run epochs from the current one; yields (metrics, final status or None)."""
+        while self.epoch < self.tc.epochs:
+            start = time.perf_counter()
+            self.epoch += 1
+            metrics = {"epoch": float(self.epoch), **self.train_epoch()}
+            val_loss, val_acc = self.evaluate(self.data.val)
+            metrics.update({"val/loss": val_loss, "val/acc": val_acc,
+                            "lr": self.optimizer.param_groups[0]["lr"]})
+            status: Status | None = None
+            if not (math.isfinite(metrics["train/loss"]) and math.isfinite(val_loss)):
+                status = "diverged"
+            elif self.end_of_epoch(val_loss):
+                status = "early_stopped"
+            elif self.epoch == self.tc.epochs:
+                status = "completed"
+            if status is not None:
+                metrics.update(self.final_metrics(status))
+            metrics["epoch_time_s"] = time.perf_counter() - start
+            self.history.append(metrics)
+            yield metrics, status
+            if status is not None:
+                return
+
+
+def fit(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], None] | None = None, *,
+        resume: TrainState | None = None, data: DataSplits | None = None) -> RunResult:
+    """Train `cfg` to completion (or early stop, or divergence), calling `on_epoch` after every epoch.
+
+    Args:
+        cfg: the trial to run.
+        on_epoch: receives every epoch's metrics and a way to take the full state for a checkpoint.
+        resume: continue from this state (as saved by an earlier call's `EpochMetrics.state()`).
+        data: pre-loaded data for `cfg.dataset` (reuse across runs in one process); loaded when None.
+    """
+    tc = cfg.trainer.resolved()
+    device = select_device(tc)
+    threads = torch.get_num_threads()
+    # fork_rng: dropout draws from the global generator; seed it for this run and give the caller's back after.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if tc.threads is not None:
+            torch.set_num_threads(tc.threads)
+        try:
+            torch.manual_seed(derive_seed(cfg.seed, "dropout"))
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = True  # fixed input shapes: autotuning pays off after one batch
+            run = _Run(cfg, data if data is not None else load_data(cfg.dataset, device), device)
+            if resume is not None:
+                run.restore(resume)
+            if resume is not None and resume.history and resume.history[-1].get("test/acc") is not None:
+                last = resume.history[-1]  # the state of a finished run: nothing left to train
+                status: Status = "diverged" if last.get("diverged") else (
+                    "completed" if run.epoch >= tc.epochs else "early_stopped")
+                return RunResult(status, last, run.history, run.best_epoch, run.params)
+            status, last = "completed", {}
+            for metrics, final_status in run.epochs():
+                if on_epoch is not None:
+                    on_epoch(EpochMetrics(run.epoch, metrics, final_status is not None, final_status, run.state))
+                last = metrics
+                if final_status is not None:
+                    status = final_status
+            return RunResult(status, last, run.history, run.best_epoch, run.params)
+        finally:
+            torch.set_num_threads(threads)
