@@ -1,0 +1,167 @@
+"""Tune callbacks: adapt Tune's trial events to the MLflow tracker and the live console view."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+from resnet_lab import plots
+from resnet_lab.console import LiveView
+from resnet_lab.spec import TrialConfig
+from resnet_lab.spec.sweep import Cell, model_label
+from resnet_lab.tracking import (
+    TAG_CELL,
+    TAG_ERROR,
+    TAG_OUTCOME,
+    TAG_RUNG,
+    TAG_SEED,
+    TAG_STAGE,
+    TAG_STOPPED_BY,
+    SweepTracker,
+)
+from resnet_lab.tune.schedule import CellScheduler
+from resnet_lab.tune.trainable import META_KEYS, trial_config
+
+log = logging.getLogger(__name__)
+TRAINER_SCALARS = ("epoch", "lr", "epoch_time_s", "throughput_img_s", "params", "best_epoch", "diverged")
+
+
+def our_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The trainer's metrics from a Tune result (Ray adds its own keys: time_total_s, pid, config, ...)."""
+    return {k: float(v) for k, v in result.items()
+            if (("/" in k and not k.startswith("config/")) or k in TRAINER_SCALARS)
+            and isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _short(value: Any) -> str:
+    return f"{value:.1e}" if isinstance(value, float) else str(value)  # lr3.2e-04: sortable, fixed width
+
+
+def run_name(config: dict[str, Any]) -> str:
+    """`resnet18-noskip-lr3.2e-04-s0`: cell, searched values, seed; `-confirm` for the confirm stage."""
+    searched = [f"{k.split('.')[-1].replace('_', '')}{_short(v)}" for k, v in sorted(config.items())
+                if k not in META_KEYS]
+    parts = [config["cell"], *searched, f"s{config['seed']}"]
+    if config.get("stage") == "confirm":
+        parts.append("confirm")
+    return "-".join(parts)
+
+
+def trial_params(cfg: TrialConfig, config: dict[str, Any]) -> dict[str, Any]:
+    """MLflow params: short columns for the UI (arch, depth, skip, lr, seed) plus the whole resolved config."""
+    tc = cfg.trainer.resolved()
+    flat = {**cfg.to_flat(), **{f"trainer.{k}": v for k, v in tc.model_dump().items() if v is not None}}
+    return {"arch": model_label(cfg.model), "model": cfg.model.name, "depth": cfg.model.depth or "default",
+            "skip": cfg.model.skip if cfg.model.skip is not None else "n/a", "lr": tc.lr, "seed": cfg.seed,
+            "cell": config["cell"], "stage": config.get("stage", "search"), **flat}
+
+
+class TrackingCallback(Callback):
+    """One MLflow child run per trial, metrics per epoch, final status and artifacts from the driver."""
+
+    def __init__(self, tracker: SweepTracker, cells: dict[str, Cell], scheduler: CellScheduler | None,
+                 view: LiveView | None = None) -> None:
+        self.tracker, self.cells, self.scheduler, self.view = tracker, cells, scheduler, view
+        self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
+        self.history: dict[str, list[dict[str, float]]] = {}
+        self.outcomes: dict[str, str] = {}  # Tune trial id -> outcome, for the final summary
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its run config (callbacks included) into the experiment dir; MLflow clients and the rich
+        # live display hold locks. Keep what identifies the sweep; the tracker is rebuilt on first use.
+        state = dict(self.__dict__)
+        tracker = state.pop("tracker")
+        state["view"] = None
+        state["_tracker_args"] = (tracker.uri, tracker.experiment_name, tracker.parent_id)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        uri, experiment, parent_id = state.pop("_tracker_args")
+        self.__dict__.update(state)
+        self.tracker = SweepTracker(uri, experiment)
+        self.tracker.parent_id = parent_id
+
+    def _run_id(self, trial: Trial) -> str:
+        if trial.trial_id not in self.runs:
+            config = trial.config
+            cfg = trial_config(self.cells[config["cell"]].base, config)
+            tags = {TAG_CELL: config["cell"], TAG_STAGE: config.get("stage", "search"), TAG_SEED: str(config["seed"])}
+            self.runs[trial.trial_id] = self.tracker.start_trial(trial.trial_id, run_name(config),
+                                                                 trial_params(cfg, config), tags)
+        return self.runs[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._run_id(trial)
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        metrics = our_metrics(result)
+        step = int(metrics.get("epoch", result.get("training_iteration", 0)))
+        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        self.tracker.log_metrics(self._run_id(trial), finite, step)
+        self.history.setdefault(trial.trial_id, []).append(metrics)
+        if step == 1:
+            node = result.get("node_ip")
+            if node:
+                self.tracker.set_tags(self._run_id(trial), {"node_ip": str(node)})
+        if self.view is not None:
+            self.view.trial_update(trial.trial_id, run_name(trial.config), trial.config["cell"], metrics)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        history = self.history.get(trial.trial_id, [])
+        last = history[-1] if history else {}
+        tags: dict[str, str] = {}
+        stopped_at = self.scheduler.stopped_at.get(trial.trial_id) if self.scheduler else None
+        if last.get("diverged"):
+            outcome, status = "diverged", "FINISHED"
+        elif "test/acc" in last:
+            outcome, status = ("completed" if last.get("epoch", 0) >= self._epochs(trial) else "early_stopped",
+                               "FINISHED")
+        elif stopped_at is not None:
+            outcome, status = "stopped", "KILLED"
+            tags = {TAG_STOPPED_BY: "asha", TAG_RUNG: str(stopped_at)}
+        else:
+            outcome, status = "stopped", "KILLED"  # time budget or the user; not a failure of the trial
+            tags = {TAG_STOPPED_BY: "tune"}
+        self._finish(trial, outcome, status, tags)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        error = _error_text(trial)
+        run_id = self._run_id(trial)
+        self.tracker.log_text(run_id, error, "error.txt")
+        self._finish(trial, "failed", "FAILED", {TAG_ERROR: error.strip().splitlines()[-1][:4000] if error else ""})
+
+    def _epochs(self, trial: Trial) -> int:
+        return trial_config(self.cells[trial.config["cell"]].base, trial.config).trainer.epochs
+
+    def _finish(self, trial: Trial, outcome: str, status: str, tags: dict[str, str]) -> None:
+        run_id = self._run_id(trial)
+        self.tracker.set_tags(run_id, {TAG_OUTCOME: outcome, **tags})
+        history = self.history.get(trial.trial_id, [])
+        if history:
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    name = run_name(trial.config)
+                    files = [plots.learning_curves(history, Path(tmp) / "learning_curves.png", name),
+                             plots.gradient_flow({name: history[-1]}, Path(tmp) / "gradient_flow.png", name)]
+                    self.tracker.log_artifacts(run_id, files)
+            except Exception:  # a failed plot must not lose the run's status
+                log.exception("could not plot trial %s", trial.trial_id)
+        self.tracker.end_run(run_id, status)
+        self.outcomes[trial.trial_id] = outcome
+        if self.view is not None:
+            detail = f"(ASHA at epoch {tags[TAG_RUNG]})" if TAG_RUNG in tags else ""
+            self.view.trial_done(trial.trial_id, run_name(trial.config), outcome, detail)
+
+
+def _error_text(trial: Trial) -> str:
+    """The trial's error as Tune recorded it."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).exists():
+        return Path(path).read_text(errors="replace")
+    return str(getattr(trial, "error_msg", "") or "unknown error")

@@ -1,0 +1,58 @@
+"""The Ray Tune trainable: a few lines around `fit()` (as in Ray's mnist_pytorch example)."""
+
+from __future__ import annotations
+
+import functools
+import math
+import tempfile
+from typing import Any
+
+from ray import tune
+
+from resnet_lab.checkpoint import TrainState
+from resnet_lab.spec import DatasetConfig, TrialConfig
+from resnet_lab.spec.sweep import with_values
+
+# Keys the searcher adds to a trial's config besides searched values.
+META_KEYS = ("cell", "stage", "seed")
+
+
+def trial_config(base: TrialConfig, config: dict[str, Any], cpus: float | None = None) -> TrialConfig:
+    """The typed config of one trial: its cell's base config with the searched values and seed applied."""
+    values = {k: v for k, v in config.items() if k not in META_KEYS}
+    merged = with_values(base.model_dump(exclude_none=True), values)
+    merged["seed"] = int(config["seed"])
+    if cpus and "threads" not in merged["trainer"]:
+        merged["trainer"]["threads"] = max(1, math.floor(cpus))  # use the cores Ray gave us, no more
+    return TrialConfig.model_validate(merged)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_data(dataset: DatasetConfig, device: str) -> Any:
+    """With reuse_actors, consecutive trials in one worker share the loaded dataset (seconds for CIFAR)."""
+    from resnet_lab.data import load_data
+
+    return load_data(dataset, device)
+
+
+def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig]) -> None:
+    """Run one trial; report every epoch with a checkpoint; continue from Tune's checkpoint when restored."""
+    from resnet_lab.trainer import fit, select_device
+
+    resources = tune.get_context().get_trial_resources()
+    cpus = resources.required_resources.get("CPU") if resources else None
+    cfg = trial_config(bases[config["cell"]], config, cpus)
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resume = TrainState.load(directory)
+
+    def report(epoch: Any) -> None:
+        metrics = dict(epoch.metrics)
+        with tempfile.TemporaryDirectory() as directory:
+            epoch.state().save(directory)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    device = select_device(cfg.trainer.resolved())
+    fit(cfg, report, resume=resume, data=_cached_data(cfg.dataset, str(device)))
