@@ -21,7 +21,10 @@ EXIT_INTERRUPTED = 130
 
 def build_parser() -> argparse.ArgumentParser:
     """The `sweep.py` command line."""
-    p = argparse.ArgumentParser(prog="python sweep.py", description="Run a hyperparameter sweep from a YAML spec.")
+    p = argparse.ArgumentParser(
+        prog="python sweep.py", description="Run a hyperparameter sweep from a YAML spec.",
+        epilog="other commands: `python sweep.py report SPEC_OR_EXPERIMENT` (ablation table and plots), "
+               "`python sweep.py ui [SPEC_OR_EXPERIMENT]` (MLflow UI on 127.0.0.1)")
     p.add_argument("spec", help="sweep spec (YAML), e.g. sweeps/quickstart.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a spec value, validated like the file (repeatable): --set trainer.epochs=3")
@@ -71,9 +74,16 @@ def print_plan(loaded: LoadedSpec) -> None:
                  f"max concurrent: {spec.max_concurrent or 'as many as fit'}")
 
 
+SUBCOMMANDS = {"report": "resnet_lab.report", "ui": "resnet_lab.ui"}  # each module has main(argv) -> int
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `sweep.py`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        return int(importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         loaded = load_spec(args.spec, args.overrides)

@@ -83,8 +83,14 @@ class LiveView:
 
     def __init__(self, total: int, metric: str, mode: str) -> None:
         from rich.live import Live
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.metric, self.mode, self.total = metric, mode, total
         self.running: dict[str, dict[str, Any]] = {}  # trial id -> {name, cell, epoch, metric, lr}

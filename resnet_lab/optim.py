@@ -29,8 +29,10 @@ def build_optimizer(model: nn.Module, tc: ResolvedTrainer, device: torch.device)
     return torch.optim.Adam(groups, lr=tc.lr, **fused)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, tc: ResolvedTrainer,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau:
+Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, tc: ResolvedTrainer, steps_per_epoch: int) -> Scheduler:
     """The recipe's schedule. Per-step schedules count optimizer steps; plateau counts epochs."""
     total = max(1, tc.epochs * steps_per_epoch)
     warmup = min(total - 1, round(tc.warmup_epochs * steps_per_epoch))

@@ -115,7 +115,7 @@ def test_set_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
     assert "trainer.epochs: input should be a valid integer (got 'abc') [from --set trainer.epochs=abc]" in errors_of(
         spec, ("trainer.epochs=abc",))
     assert "trainer.epoch: unknown key; did you mean 'epochs'?" in errors_of(spec, ("trainer.epoch=3",))
-    with pytest.raises(SpecError, match="expected KEY.PATH=VALUE"):
+    with pytest.raises(SpecError, match=r"expected KEY\.PATH=VALUE"):
         parse_override("trainer.epochs")
 
 

@@ -101,11 +101,11 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _constr
 def parse_yaml_text(text: str, source: str) -> Any:
     """Parse YAML text with our scalar rules; raises SpecError with the line on syntax errors."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
+        return yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or str(exc)
-        if "\t" in text and "tab" in problem.lower() or (mark and "\t" in _line_of(text, mark.line)):
+        if ("\t" in text and "tab" in problem.lower()) or (mark and "\t" in _line_of(text, mark.line)):
             problem = "tab character: YAML indentation must use spaces"
         raise SpecError(source, [SpecIssue(mark.line + 1 if mark else None, "", f"invalid YAML: {problem}")]) from None
     except yaml.YAMLError as exc:

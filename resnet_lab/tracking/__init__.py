@@ -1,0 +1,25 @@
+"""MLflow integration: the only package that imports mlflow (writer: the sweep's runs; query: reading them back)."""
+
+from __future__ import annotations
+
+from resnet_lab.tracking.writer import (
+    TAG_CELL,
+    TAG_ERROR,
+    TAG_OUTCOME,
+    TAG_ROLE,
+    TAG_RUNG,
+    TAG_SEED,
+    TAG_SPEC_HASH,
+    TAG_STAGE,
+    TAG_STOPPED_BY,
+    TAG_SWEEP,
+    TAG_TRIAL_ID,
+    SweepTracker,
+    quiet_mlflow,
+    resolve_tracking_uri,
+)
+
+__all__ = [
+    "TAG_CELL", "TAG_ERROR", "TAG_OUTCOME", "TAG_ROLE", "TAG_RUNG", "TAG_SEED", "TAG_SPEC_HASH", "TAG_STAGE",
+    "TAG_STOPPED_BY", "TAG_SWEEP", "TAG_TRIAL_ID", "SweepTracker", "quiet_mlflow", "resolve_tracking_uri",
+]
