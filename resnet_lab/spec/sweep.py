@@ -105,6 +105,8 @@ class Resources(StrictModel):
     cpu: float = Field(1.0, gt=0.0, le=1024)
     gpu: float = Field(0.0, ge=0.0, le=64)  # a fraction < 1 packs trials onto one GPU; >= 1 must be whole
     memory_gb: float | None = Field(None, gt=0.0, le=16_384)
+    # > 1: one trial trains data-parallel (DDP) over this many Ray Train workers, each with `cpu` and `gpu`.
+    workers: int = Field(1, ge=1, le=1024)
 
     @field_validator("gpu")
     @classmethod
