@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from resnet_lab import console
 from resnet_lab.spec.load import LoadedSpec, load_spec
@@ -96,8 +98,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(loaded, args)
 
 
+def preflight_storage(path: str) -> str | None:
+    """None when Ray can write trial state under `path` (local paths only), else the reason."""
+    if "://" in path:
+        return None
+    target = Path(path).expanduser().absolute()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        return f"storage {target} is not writable: {exc.strerror or exc}"
+    return None
+
+
 def run(loaded: LoadedSpec, args: argparse.Namespace) -> int:
-    """Start Ray and MLflow and run the sweep."""
+    """Preflight (tracking store, storage, data, cluster), then start Ray and MLflow and run the sweep."""
     from resnet_lab.tracking import resolve_tracking_uri
 
     try:
@@ -105,30 +121,77 @@ def run(loaded: LoadedSpec, args: argparse.Namespace) -> int:
     except ValueError as exc:
         console.error(f"--tracking-uri: {exc}")
         return EXIT_USAGE
+    from resnet_lab.tune.runner import PreflightError, RunOptions, run_sweep, storage_path
+
+    storage = storage_path(loaded, args.storage)
+    problem = preflight_storage(storage)
+    if problem:
+        console.error(f"{problem} (set `storage:` in the spec or --storage)")
+        return EXIT_USAGE
+    tracker_problem = preflight_tracking(uri, loaded)
+    if tracker_problem:
+        console.error(tracker_problem)
+        return EXIT_USAGE
     from resnet_lab.data import DatasetError, prepare_data
 
-    datasets = {cell.base.dataset for cell in loaded.cells}
     try:
-        for dataset in datasets:  # once, in the driver: trials never race to download, and offline fails here
-            prepare_data(dataset)
+        for dataset in {cell.base.dataset for cell in loaded.cells}:
+            prepare_data(dataset)  # once, in the driver: trials never race to download, and offline fails here
     except DatasetError as exc:
         console.error(str(exc))
         return EXIT_USAGE
-    from resnet_lab.tune.runner import RunOptions, run_sweep
-
     options = RunOptions(tracking_uri=uri, address=args.address, storage=args.storage,
-                         max_concurrent=args.max_concurrent, ray_temp_dir=args.ray_temp_dir)
-    console.info(f"sweep '{loaded.spec.name}': {len(loaded.cells)} cells; MLflow at {uri}")
+                         max_concurrent=args.max_concurrent, ray_temp_dir=args.ray_temp_dir, resume=args.resume)
+    resume_cmd = " ".join(["python", "sweep.py", *sys.argv[1:]] if "--resume" in sys.argv else
+                          ["python", "sweep.py", *sys.argv[1:], "--resume"])
+    verb = "resuming" if args.resume else "starting"
+    console.info(f"{verb} sweep '{loaded.spec.name}': {len(loaded.cells)} cells; MLflow at {uri}")
     try:
         outcome = run_sweep(loaded, options)
+    except PreflightError as exc:
+        console.error(str(exc))
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        console.error("interrupted; MLflow runs were marked KILLED")
+        console.error(f"aborted; MLflow runs were marked KILLED. Continue with: {resume_cmd}")
         return EXIT_INTERRUPTED
-    summary = ", ".join(f"{n} {k}" for k, n in sorted(outcome.outcomes.items()))
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(outcome.outcomes.items())) or "none ended"
+    if outcome.interrupted:
+        console.info(f"interrupted after {outcome.wall_s:.0f} s: {outcome.trials}/{outcome.planned} trials ended "
+                     f"({summary}); state saved in {outcome.experiment_dir}")
+        console.info(f"continue with: {resume_cmd}")
+        return EXIT_INTERRUPTED
     console.info(f"done in {outcome.wall_s:.0f} s: {outcome.trials} trials ({summary})")
-    console.info(f"compare runs: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
-                 f"http://127.0.0.1:5000/#/experiments/{outcome.experiment_id}/runs")
+    console.info(f"compare runs: python sweep.py ui {args.spec} --tracking-uri {uri}  (or: mlflow ui "
+                 f"--backend-store-uri {uri} --host 127.0.0.1, then open "
+                 f"http://127.0.0.1:5000/#/experiments/{outcome.experiment_id}/runs)")
     return 0
+
+
+def preflight_tracking(uri: str, loaded: LoadedSpec) -> str | None:
+    """None when the MLflow store answers and accepts writes; else the reason. Also warns of an unfinished run."""
+    from resnet_lab.tracking import SweepTracker
+
+    # One quick try: MLflow's client retries with back-off for minutes, which is right mid-sweep, not here.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+    try:
+        tracker = SweepTracker(uri, loaded.spec.experiment_name)
+        tracker.check_writable()
+        previous = tracker.latest_sweep(loaded.spec.name)
+    except Exception as exc:  # MLflow raises many types (MlflowException, OSError, requests errors)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"MLflow tracking store {uri} is not usable: {first[:300]}"
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    if previous is not None and previous.info.status != "FINISHED" and "--resume" not in sys.argv:
+        name = previous.data.tags.get("resnet_lab.sweep", previous.info.run_name)
+        console.info(f"note: the previous run of this sweep ({name}) did not finish; this starts a new sweep. "
+                     f"To continue that one instead: python sweep.py {loaded.source} --resume")
+    return None
 
 
 if __name__ == "__main__":

@@ -82,7 +82,6 @@ class LiveView:
     """The sweep's live display: progress with ETA, running trials, best per cell; plain lines when not a TTY."""
 
     def __init__(self, total: int, metric: str, mode: str) -> None:
-        from rich.live import Live
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -100,18 +99,18 @@ class LiveView:
         self.progress = Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("eta"), TimeRemainingColumn(), console=_stdout)
         self.task = self.progress.add_task("trials", total=total)
-        self.live = Live(self._render(), console=_stdout, refresh_per_second=2, transient=False) \
-            if self.interactive else None
+        self.live: Any = None  # started on the first update, so a restored sweep's view starts where it is
 
-    def __enter__(self) -> LiveView:
-        if self.live is not None:
-            self.live.__enter__()
-        return self
+    def resumed(self, done: int) -> None:
+        """A restored sweep: `done` trials had already ended."""
+        self.progress.update(self.task, completed=done)
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
+        """Draw the final state and release the terminal."""
         if self.live is not None:
             self.live.update(self._render())
-            self.live.__exit__(*exc)
+            self.live.stop()
+            self.live = None
 
     def _better(self, a: float, b: float) -> bool:
         return a > b if self.mode == "max" else a < b
@@ -140,8 +139,14 @@ class LiveView:
 
     def refresh(self) -> None:
         """Redraw (terminal only)."""
-        if self.live is not None:
-            self.live.update(self._render())
+        if not self.interactive:
+            return
+        if self.live is None:
+            from rich.live import Live
+
+            self.live = Live(self._render(), console=_stdout, refresh_per_second=2)
+            self.live.start()
+        self.live.update(self._render())
 
     def _render(self) -> Any:
         from rich.console import Group

@@ -6,6 +6,7 @@ from resnet_lab.tracking.writer import (
     TAG_CELL,
     TAG_ERROR,
     TAG_OUTCOME,
+    TAG_RETRIES,
     TAG_ROLE,
     TAG_RUNG,
     TAG_SEED,
@@ -20,6 +21,6 @@ from resnet_lab.tracking.writer import (
 )
 
 __all__ = [
-    "TAG_CELL", "TAG_ERROR", "TAG_OUTCOME", "TAG_ROLE", "TAG_RUNG", "TAG_SEED", "TAG_SPEC_HASH", "TAG_STAGE",
-    "TAG_STOPPED_BY", "TAG_SWEEP", "TAG_TRIAL_ID", "SweepTracker", "quiet_mlflow", "resolve_tracking_uri",
+    "TAG_CELL", "TAG_ERROR", "TAG_OUTCOME", "TAG_RETRIES", "TAG_ROLE", "TAG_RUNG", "TAG_SEED", "TAG_SPEC_HASH",
+    "TAG_STAGE", "TAG_STOPPED_BY", "TAG_SWEEP", "TAG_TRIAL_ID", "SweepTracker", "quiet_mlflow", "resolve_tracking_uri",
 ]

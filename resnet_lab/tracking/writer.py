@@ -29,6 +29,7 @@ TAG_OUTCOME = "resnet_lab.outcome"  # completed | early_stopped | diverged | sto
 TAG_STOPPED_BY = "stopped_by"
 TAG_RUNG = "stopped_at_epoch"
 TAG_ERROR = "error"
+TAG_RETRIES = "retries"  # how often the trial's process failed and was resumed from its checkpoint
 BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}  # per log_batch request (MLflow's limits)
 
 
@@ -68,6 +69,10 @@ class SweepTracker:
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.parent_id: str | None = None
+
+    def check_writable(self) -> None:
+        """Write an experiment tag: fails now, not mid-sweep, when the store is read-only."""
+        self.client.set_experiment_tag(self.experiment_id, "resnet_lab.last_checked", time.strftime("%FT%T"))
 
     # -- runs --------------------------------------------------------------------------------------------------
     def start_sweep(self, name: str, tags: Mapping[str, str], params: Mapping[str, Any],
@@ -145,6 +150,19 @@ class SweepTracker:
         for run in running:
             self.client.set_terminated(run.info.run_id, status=status)
         return [r.info.run_id for r in running]
+
+    def find_sweep(self, name: str) -> mlflow.entities.Run | None:
+        """The parent run of the sweep named `name` (its Ray experiment dir name), if any."""
+        found = self.client.search_runs([self.experiment_id], filter_string=(
+            f"tags.{TAG_ROLE} = 'sweep' and tags.{TAG_SWEEP} = '{name}'"), max_results=1)
+        return found[0] if found else None
+
+    def latest_sweep(self, spec_name: str) -> mlflow.entities.Run | None:
+        """The newest parent run of a spec (names are `<spec name>-<YYYYmmdd-HHMMSS>`)."""
+        found = self.client.search_runs([self.experiment_id], filter_string=(
+            f"tags.{TAG_ROLE} = 'sweep' and tags.{TAG_SWEEP} LIKE '{spec_name}-%'"),
+            order_by=["attributes.start_time DESC"], max_results=1)
+        return found[0] if found else None
 
     def children(self) -> list[mlflow.entities.Run]:
         """Every child run of the sweep."""

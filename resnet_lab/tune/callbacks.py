@@ -19,6 +19,7 @@ from resnet_lab.tracking import (
     TAG_CELL,
     TAG_ERROR,
     TAG_OUTCOME,
+    TAG_RETRIES,
     TAG_RUNG,
     TAG_SEED,
     TAG_STAGE,
@@ -66,18 +67,20 @@ class TrackingCallback(Callback):
     """One MLflow child run per trial, metrics per epoch, final status and artifacts from the driver."""
 
     def __init__(self, tracker: SweepTracker, cells: dict[str, Cell], scheduler: CellScheduler | None,
-                 view: LiveView | None = None) -> None:
-        self.tracker, self.cells, self.scheduler, self.view = tracker, cells, scheduler, view
+                 view_args: tuple[int, str, str] | None = None) -> None:
+        self.tracker, self.cells, self.scheduler = tracker, cells, scheduler
+        self.view_args = view_args  # (total trials, metric, mode) of the live view, or None for no view
+        self.view = LiveView(*view_args) if view_args else None
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self.history: dict[str, list[dict[str, float]]] = {}
         self.outcomes: dict[str, str] = {}  # Tune trial id -> outcome, for the final summary
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config (callbacks included) into the experiment dir; MLflow clients and the rich
-        # live display hold locks. Keep what identifies the sweep; the tracker is rebuilt on first use.
+        # live display hold locks. Keep what identifies the sweep; tracker and view are rebuilt on unpickling.
         state = dict(self.__dict__)
         tracker = state.pop("tracker")
-        state["view"] = None
+        state.pop("view")
         state["_tracker_args"] = (tracker.uri, tracker.experiment_name, tracker.parent_id)
         return state
 
@@ -86,6 +89,26 @@ class TrackingCallback(Callback):
         self.__dict__.update(state)
         self.tracker = SweepTracker(uri, experiment)
         self.tracker.parent_id = parent_id
+        self.view = LiveView(*self.view_args) if self.view_args else None
+
+    # Tune checkpoints callback state with the experiment (driver restarts, --resume): histories survive.
+    def get_state(self) -> dict[str, Any]:
+        return {"runs": self.runs, "history": self.history, "outcomes": self.outcomes}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.runs, self.history, self.outcomes = state["runs"], state["history"], state["outcomes"]
+        if self.view is not None:
+            self.view.resumed(len(self.outcomes))
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        if self.view is not None:
+            self.view.close()
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        """The trial's process failed and Tune retries it from its last checkpoint."""
+        run_id = self._run_id(trial)
+        self.tracker.set_tags(run_id, {TAG_RETRIES: str(trial.num_failures)})
+        self.tracker.log_text(run_id, _error_text(trial), f"error-attempt{trial.num_failures}.txt")
 
     def _run_id(self, trial: Trial) -> str:
         if trial.trial_id not in self.runs:

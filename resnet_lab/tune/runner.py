@@ -1,11 +1,16 @@
-"""Run a whole sweep on Ray Tune: local Ray by default, or a cluster at `address`."""
+"""Run a whole sweep on Ray Tune: local Ray by default, or a cluster at `address`; resume an interrupted one."""
 
 from __future__ import annotations
 
+import glob
 import logging
 import math
 import os
+import signal
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,15 +19,18 @@ import ray
 import yaml
 from ray import tune
 
-from resnet_lab.console import LiveView
 from resnet_lab.provenance import provenance
 from resnet_lab.spec.load import LoadedSpec
 from resnet_lab.spec.sweep import AshaConfig
-from resnet_lab.tracking import TAG_SPEC_HASH, SweepTracker
+from resnet_lab.tracking import TAG_OUTCOME, TAG_SPEC_HASH, SweepTracker
 from resnet_lab.tune.callbacks import TrackingCallback
 from resnet_lab.tune.schedule import CellScheduler
 from resnet_lab.tune.search import CellSearcher
 from resnet_lab.tune.trainable import train_trial
+
+
+class PreflightError(Exception):
+    """The sweep cannot start (unreachable cluster, resources no node has, nothing to resume, ...)."""
 
 
 @dataclass(frozen=True)
@@ -35,24 +43,45 @@ class RunOptions:
     max_concurrent: int | None = None  # overrides spec.max_concurrent
     ray_temp_dir: str | None = None
     show_live: bool = True
+    resume: bool = False
 
 
 @dataclass
 class SweepOutcome:
-    """What a finished sweep produced."""
+    """What a sweep produced; `interrupted` when it stopped before every trial ended (resume it)."""
 
+    name: str
     parent_run_id: str
     experiment_id: str
     experiment_dir: str
-    outcomes: dict[str, int] = field(default_factory=dict)  # outcome -> count
+    planned: int
+    outcomes: dict[str, int] = field(default_factory=dict)  # outcome -> count of child runs
     wall_s: float = 0.0
-    trials: int = 0
+    interrupted: bool = False
+
+    @property
+    def trials(self) -> int:
+        """Child runs that ended with an outcome."""
+        return sum(self.outcomes.values())
 
 
 def storage_path(loaded: LoadedSpec, override: str | None) -> str:
     """Where Ray keeps trial state: a URI as given, a local path made absolute (default ./ray_results)."""
     storage = override or loaded.spec.storage or "ray_results"
     return storage if "://" in storage else str(Path(storage).expanduser().absolute())
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on an unreachable `host:port`: ray.init() itself waits minutes for a GCS that is not there."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return  # "auto" reads the local node's address file; Ray Client has its own timeout
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise PreflightError(f"Ray address '{address}' is not HOST:PORT (e.g. 127.0.0.2:6379) or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise PreflightError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
 def init_ray(address: str | None, temp_dir: str | None) -> None:
@@ -63,9 +92,35 @@ def init_ray(address: str | None, temp_dir: str | None) -> None:
     # Ray's warnings still reach its session logs (/tmp/ray/session_*/logs); the console shows our view only.
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR,
                               "include_dashboard": False, "ignore_reinit_error": True}
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_reachable(address)
     if temp_dir and not address:
         kwargs["_temp_dir"] = temp_dir
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, **kwargs)
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, TimeoutError) as exc:
+        raise PreflightError(f"cannot reach the Ray cluster at {address}: {exc}".rstrip()) from None
+
+
+def check_resources(loaded: LoadedSpec) -> None:
+    """A trial asking for more than the largest node has would wait forever: refuse before launch."""
+    res = loaded.spec.resources
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    best_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
+    best_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
+    total_cpu = sum(n.get("CPU", 0) for n in nodes)
+    total_gpu = sum(n.get("GPU", 0) for n in nodes)
+    problems = []
+    if res.cpu > best_cpu:
+        problems.append(f"resources.cpu: {res.cpu:g} per worker, but the largest node has {best_cpu:g} CPUs")
+    if res.gpu > best_gpu:
+        problems.append(f"resources.gpu: {res.gpu:g} per worker, but the largest node has {best_gpu:g} GPUs")
+    if res.workers > 1 and (res.cpu * res.workers > total_cpu or res.gpu * res.workers > total_gpu):
+        problems.append(f"resources.workers: {res.workers} workers x ({res.cpu:g} CPU, {res.gpu:g} GPU) exceed the "
+                        f"cluster ({total_cpu:g} CPUs, {total_gpu:g} GPUs)")
+    if problems:
+        raise PreflightError("; ".join(problems))
 
 
 def concurrency(loaded: LoadedSpec, override: int | None) -> int:
@@ -73,69 +128,130 @@ def concurrency(loaded: LoadedSpec, override: int | None) -> int:
     if override or loaded.spec.max_concurrent:
         return int(override or loaded.spec.max_concurrent)  # type: ignore[arg-type]
     res, have = loaded.spec.resources, ray.cluster_resources()
-    fits = math.floor(have.get("CPU", 1) / res.cpu)
+    fits = math.floor(have.get("CPU", 1) / (res.cpu * res.workers))
     if res.gpu > 0:
-        fits = min(fits, math.floor(have.get("GPU", 0) / res.gpu))
+        fits = min(fits, math.floor(have.get("GPU", 0) / (res.gpu * res.workers)))
     return max(1, fits)
 
 
+def previous_runs(loaded: LoadedSpec, storage: str) -> list[str]:
+    """Experiment dirs of earlier runs of this sweep that Tune can restore, oldest first."""
+    if "://" in storage:
+        return []  # cloud storage: resume takes the newest run recorded in MLflow instead
+    pattern = os.path.join(storage, f"{glob.escape(loaded.spec.name)}-????????-??????")
+    return sorted(p for p in glob.glob(pattern) if tune.Tuner.can_restore(p))
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's or `kill`'s polite stop) takes Tune's Ctrl-C path: checkpoint, mark, exit."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def forward(signum: int, frame: Any) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        signal.signal(signal.SIGTERM, forward)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _parent_tags(loaded: LoadedSpec) -> dict[str, str]:
+    return {TAG_SPEC_HASH: loaded.spec_hash, "spec_source": loaded.source}
+
+
 def run_sweep(loaded: LoadedSpec, options: RunOptions) -> SweepOutcome:
-    """Run every trial of the spec; MLflow ends with one finished parent and one ended child per trial."""
+    """Run (or resume) every trial of the spec; MLflow ends with one parent and one ended child per trial."""
     spec, cells = loaded.spec, loaded.cells
     start = time.perf_counter()
+    storage = storage_path(loaded, options.storage)
     tracker = SweepTracker(options.tracking_uri, spec.experiment_name)
     searcher = CellSearcher(spec, cells)
     total = searcher.total_trials()
-    scheduler = None
-    if isinstance(spec.scheduler, AshaConfig):
-        scheduler = CellScheduler(spec.scheduler, spec.scheduler.max_t or spec.trainer.epochs, spec.metric,
-                                  spec.resolved_mode)
-    name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = tracker.start_sweep(
-        name,
-        tags={TAG_SPEC_HASH: loaded.spec_hash, "spec_source": loaded.source},
-        params={"cells": len(cells), "trials": total, "metric": spec.metric, "mode": spec.resolved_mode,
-                **provenance()},
-        artifacts={"spec.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)})
-    init_ray(options.address, options.ray_temp_dir)
     bases = {c.label: c.base for c in cells}
-    trainable = tune.with_parameters(train_trial, bases=bases)
     resources: dict[str, float] = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     if spec.resources.memory_gb:
         resources["memory"] = spec.resources.memory_gb * 2**30
-    view = LiveView(total, spec.metric, spec.resolved_mode) if options.show_live else None
-    callback = TrackingCallback(tracker, {c.label: c for c in cells}, scheduler, view)
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, resources),
-        tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, num_samples=total,
-            max_concurrent_trials=concurrency(loaded, options.max_concurrent),
-            # Measured here: 4.3 s -> 0.6 s per trial; safe because fit() keeps no state between trials.
-            reuse_actors=True, time_budget_s=spec.time_budget_s,
-            trial_dirname_creator=lambda trial: f"{trial.config['cell']}-{trial.trial_id}",
-            trial_name_creator=lambda trial: f"{trial.config['cell']}-{trial.trial_id}"),
-        run_config=tune.RunConfig(
-            name=name, storage_path=storage_path(loaded, options.storage), callbacks=[callback], verbose=0,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
-    )
+    trainable = tune.with_resources(tune.with_parameters(train_trial, bases=bases), resources)
+
+    if options.resume:
+        runs = previous_runs(loaded, storage)
+        if not runs:
+            raise PreflightError(f"nothing to resume: no earlier run of '{spec.name}' under {storage}")
+        path = runs[-1]
+        name = os.path.basename(path)
+        parent = tracker.find_sweep(name)
+        if parent is None:
+            raise PreflightError(f"{path} has no sweep run named '{name}' in MLflow experiment "
+                                 f"'{spec.experiment_name}' at {options.tracking_uri}")
+        if parent.data.tags.get(TAG_SPEC_HASH) != loaded.spec_hash:
+            raise PreflightError(f"the spec changed since '{name}' started (hash {parent.data.tags.get(TAG_SPEC_HASH)}"
+                                 f", now {loaded.spec_hash}); resume needs the same spec and --set values")
+        tracker.start_sweep(name, {}, {}, {}, parent_id=parent.info.run_id)
+        init_ray(options.address, options.ray_temp_dir)
+        check_resources(loaded)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        init_ray(options.address, options.ray_temp_dir)
+        check_resources(loaded)
+        scheduler = None
+        if isinstance(spec.scheduler, AshaConfig):
+            scheduler = CellScheduler(spec.scheduler, spec.scheduler.max_t or spec.trainer.epochs, spec.metric,
+                                      spec.resolved_mode)
+        tracker.start_sweep(
+            name, tags=_parent_tags(loaded),
+            params={"cells": len(cells), "trials": total, "metric": spec.metric, "mode": spec.resolved_mode,
+                    "storage": storage, **provenance()},
+            artifacts={"spec.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)})
+        view_args = (total, spec.metric, spec.resolved_mode) if options.show_live else None
+        callback = TrackingCallback(tracker, {c.label: c for c in cells}, scheduler, view_args)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=scheduler, num_samples=total,
+                max_concurrent_trials=concurrency(loaded, options.max_concurrent),
+                # Measured here: 4.3 s -> 0.6 s per trial; safe because fit() keeps no state between trials.
+                reuse_actors=True, time_budget_s=spec.time_budget_s,
+                trial_dirname_creator=lambda trial: f"{trial.config['cell']}-{trial.trial_id}",
+                trial_name_creator=lambda trial: f"{trial.config['cell']}-{trial.trial_id}"),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage, callbacks=[callback], verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
+        )
+    return _fit(tuner, tracker, name, total, start, os.path.join(storage, name))
+
+
+def _fit(tuner: tune.Tuner, tracker: SweepTracker, name: str, total: int, start: float,
+         experiment_dir: str) -> SweepOutcome:
+    """Run the tuner; whatever happens, leave no MLflow run RUNNING."""
+    assert tracker.parent_id is not None
     status = "FAILED"
     try:
-        if view is not None:
-            with view:
-                results = tuner.fit()
-        else:
-            results = tuner.fit()
+        with sigterm_as_interrupt():
+            tuner.fit()
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C: Tune aborts without its own cleanup
         status = "KILLED"
         raise
     finally:
         tracker.close_running("KILLED")
         counts: dict[str, int] = {}
-        for outcome in callback.outcomes.values():
-            counts[outcome] = counts.get(outcome, 0) + 1
-        tracker.set_tags(parent, {f"trials_{k}": str(v) for k, v in counts.items()})
-        tracker.end_run(parent, status)
-    return SweepOutcome(parent, tracker.experiment_id, results.experiment_path, counts,
-                        time.perf_counter() - start, len(callback.outcomes))
+        for run in tracker.children():
+            outcome = run.data.tags.get(TAG_OUTCOME)
+            if outcome:
+                counts[outcome] = counts.get(outcome, 0) + 1
+        interrupted = sum(counts.values()) < total
+        if status == "FINISHED" and interrupted:
+            status = "KILLED"  # Tune's graceful Ctrl-C path: state saved, trials left to resume
+        tracker.set_tags(tracker.parent_id, {**{f"trials_{k}": str(v) for k, v in counts.items()},
+                                             "interrupted": str(interrupted).lower()})
+        tracker.end_run(tracker.parent_id, status)
+    return SweepOutcome(name, tracker.parent_id, tracker.experiment_id, experiment_dir, total, counts,
+                        time.perf_counter() - start, interrupted)

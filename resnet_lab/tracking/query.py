@@ -1,0 +1,207 @@
+"""Reading a sweep back from MLflow as plain dataclasses (for reports and the UI); the writer's mirror image.
+
+Nothing here returns an MLflow object: callers (the report) never import mlflow, so swapping the tracking backend
+touches this package only.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from resnet_lab.tracking.writer import (
+    TAG_CELL,
+    TAG_OUTCOME,
+    TAG_ROLE,
+    TAG_SEED,
+    TAG_STAGE,
+    TAG_SWEEP,
+    quiet_mlflow,
+)
+
+PAGE = 10_000  # runs per search request (SQLite stores cap a page at 50,000)
+
+
+class SweepNotFound(LookupError):
+    """The experiment or sweep asked for is not in the tracking store (the message says what is)."""
+
+
+class TrackingError(RuntimeError):
+    """The tracking store refused a write (read-only store, unreachable artifact store)."""
+
+
+@dataclass(frozen=True)
+class ParentRun:
+    """The sweep's parent run."""
+
+    run_id: str
+    name: str  # `<spec name>-<YYYYmmdd-HHMMSS>`, also the report's directory name
+    status: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    start_ms: int
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    """One child run: identity, outcome, params and the last logged value of every metric."""
+
+    run_id: str
+    name: str
+    status: str  # FINISHED | KILLED | FAILED | RUNNING
+    cell: str
+    stage: str  # search | confirm
+    seed: int | None
+    outcome: str  # completed | early_stopped | diverged | stopped | failed | running | unknown
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: dict[str, float]  # latest value per key (the final epoch's, for per-epoch metrics)
+    start_ms: int
+    end_ms: int | None
+
+
+@dataclass
+class SweepRuns:
+    """A sweep as stored in MLflow: its parent, its child runs, and per-run metric histories on demand."""
+
+    uri: str
+    experiment_id: str
+    experiment_name: str
+    parent: ParentRun
+    runs: list[TrialRun]
+    _client: Any = field(repr=False, compare=False, default=None)
+    _histories: dict[str, dict[str, dict[int, float]]] = field(repr=False, compare=False, default_factory=dict)
+
+    def history(self, run_id: str, keys: Iterable[str]) -> list[dict[str, float]]:
+        """One dict per logged step (epoch), ascending, with `epoch` and every key logged at that step."""
+        cache = self._histories.setdefault(run_id, {})
+        for key in keys:
+            if key not in cache:
+                cache[key] = {int(m.step): float(m.value) for m in self._client.get_metric_history(run_id, key)}
+        steps = sorted({step for series in cache.values() for step in series})
+        return [{"epoch": float(step), **{k: s[step] for k, s in cache.items() if step in s}} for step in steps]
+
+    def spec_text(self) -> str | None:
+        """The resolved spec the sweep ran (`spec.yaml` artifact of the parent run), if it was logged."""
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = self._client.download_artifacts(self.parent.run_id, "spec.yaml", tmp)
+            except (MlflowException, OSError):
+                return None
+            return Path(path).read_text()
+
+    def log_artifacts(self, paths: Sequence[Path], artifact_path: str) -> None:
+        """Upload files to the parent run under `artifact_path` (a finished run accepts artifacts too)."""
+        try:
+            for path in paths:
+                self._client.log_artifact(self.parent.run_id, str(path), artifact_path)
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from exc
+
+
+def _search(client: MlflowClient, experiment_id: str, filter_string: str,
+            order_by: list[str] | None = None) -> list[Any]:
+    out: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=PAGE,
+                                  order_by=order_by, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def _seed(tags: dict[str, str], params: dict[str, str]) -> int | None:
+    text = tags.get(TAG_SEED, params.get("seed"))
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _outcome(status: str, tags: dict[str, str]) -> str:
+    if TAG_OUTCOME in tags:
+        return tags[TAG_OUTCOME]
+    return {"FAILED": "failed", "RUNNING": "running", "KILLED": "stopped"}.get(status, "unknown")
+
+
+def _trial(run: Any) -> TrialRun:
+    tags, params = dict(run.data.tags), dict(run.data.params)
+    return TrialRun(
+        run_id=run.info.run_id, name=run.info.run_name or run.info.run_id, status=run.info.status,
+        cell=tags.get(TAG_CELL, params.get("cell", "?")), stage=tags.get(TAG_STAGE, params.get("stage", "search")),
+        seed=_seed(tags, params), outcome=_outcome(run.info.status, tags), params=params, tags=tags,
+        metrics={k: float(v) for k, v in run.data.metrics.items() if math.isfinite(v)},
+        start_ms=int(run.info.start_time or 0), end_ms=run.info.end_time)
+
+
+def _parent(run: Any) -> ParentRun:
+    tags = dict(run.data.tags)
+    return ParentRun(run.info.run_id, tags.get(TAG_SWEEP, run.info.run_name or run.info.run_id), run.info.status,
+                     dict(run.data.params), tags, int(run.info.start_time or 0))
+
+
+def _experiment(client: MlflowClient, name: str) -> Any:
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        known = sorted(e.name for e in client.search_experiments())
+        raise SweepNotFound(f"no MLflow experiment '{name}' in this tracking store; it has: "
+                            f"{', '.join(known) or 'none'}")
+    return found
+
+
+def list_sweeps(uri: str, experiment: str) -> list[ParentRun]:
+    """Every sweep (parent run) of an experiment, newest first."""
+    quiet_mlflow()
+    client = MlflowClient(uri)
+    exp = _experiment(client, experiment)
+    runs = _search(client, exp.experiment_id, f"tags.`{TAG_ROLE}` = 'sweep'", ["attributes.start_time DESC"])
+    return [_parent(r) for r in runs]
+
+
+def load_sweep(uri: str, experiment: str, sweep: str | None = None, spec_name: str | None = None) -> SweepRuns:
+    """The sweep `sweep` (parent run id or name) of an experiment, with its child runs; by default the newest
+    sweep, or the newest sweep of the spec named `spec_name` (sweeps are named `<spec name>-<timestamp>`)."""
+    quiet_mlflow()
+    client = MlflowClient(uri)
+    exp = _experiment(client, experiment)
+    parents = _search(client, exp.experiment_id, f"tags.`{TAG_ROLE}` = 'sweep'", ["attributes.start_time DESC"])
+    if sweep is not None:
+        parents = [p for p in parents if sweep in (p.info.run_id, p.info.run_name, p.data.tags.get(TAG_SWEEP))]
+    elif spec_name is not None:
+        parents = [p for p in parents if _parent(p).name.startswith(f"{spec_name}-")]
+    if not parents:
+        names = [p.name for p in list_sweeps(uri, experiment)][:10]
+        wanted = f"sweep '{sweep}'" if sweep else f"sweep of spec '{spec_name}'" if spec_name else "sweep"
+        raise SweepNotFound(f"no {wanted} in experiment '{experiment}'"
+                            + (f"; sweeps there: {', '.join(names)}" if names else "; run a sweep first"))
+    parent = parents[0]
+    children = _search(client, exp.experiment_id, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'",
+                       ["attributes.start_time ASC"])
+    trials = [_trial(r) for r in children if r.data.tags.get(TAG_ROLE, "trial") == "trial"]
+    return SweepRuns(uri, exp.experiment_id, exp.name, _parent(parent), trials, _client=client)
+
+
+def experiment_id(uri: str, experiment: str | None) -> tuple[str, str] | None:
+    """(id, name) of an experiment; with no name, of the experiment holding the newest sweep. None if none."""
+    quiet_mlflow()
+    client = MlflowClient(uri)
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        return (found.experiment_id, found.name) if found else None
+    newest: tuple[int, str, str] | None = None
+    for exp in client.search_experiments():
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'sweep'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if runs and (newest is None or runs[0].info.start_time > newest[0]):
+            newest = (runs[0].info.start_time, exp.experiment_id, exp.name)
+    return (newest[1], newest[2]) if newest else None

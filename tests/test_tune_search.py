@@ -1,0 +1,131 @@
+"""CellSearcher (resnet_lab/tune/search.py) with real Optuna studies, driven the way Tune drives a Searcher."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+
+import optuna
+import pytest
+from ray.tune.search import Searcher
+
+from resnet_lab.spec.load import load_spec
+from resnet_lab.tune.search import CellSearcher
+
+SPEC = """
+name: s
+model: {name: resnet, depth: 8}
+trainer: {epochs: 4}
+grid:
+  skip: [true, false]
+search:
+  lr: {type: loguniform, low: 1.0e-4, high: 1.0e-1}
+samples_per_cell: 2
+seeds: [0, 1]
+CONFIRM
+"""
+
+
+def searcher(tmp_path: Path, confirm: str = "") -> CellSearcher:
+    path = tmp_path / "s.yaml"
+    path.write_text(SPEC.replace("CONFIRM", confirm))
+    loaded = load_spec(str(path))
+    return CellSearcher(loaded.spec, loaded.cells)
+
+
+def finish(s: CellSearcher, trial_id: str, acc: float, *, final: bool = True, diverged: bool = False,
+           epochs: int = 4) -> None:
+    for epoch in range(1, epochs + 1):
+        s.on_trial_result(trial_id, {"training_iteration": epoch, "val/acc": acc * epoch / epochs})
+    result = {"training_iteration": epochs, "val/acc": acc, "diverged": float(diverged)}
+    if final:
+        result["test/acc"] = acc
+    s.on_trial_complete(trial_id, result)
+
+
+def test_cells_alternate_and_each_configuration_runs_once_per_seed(tmp_path: Path) -> None:
+    s = searcher(tmp_path)
+    assert s.total_trials() == 2 * 2 * 2
+    configs = [s.suggest(f"t{i}") for i in range(8)]
+    assert s.suggest("t8") == Searcher.FINISHED
+    cells = [c["cell"] for c in configs]
+    assert cells[:2] == ["resnet8", "resnet8-noskip"]  # round-robin: cells run concurrently
+    for cell in ("resnet8", "resnet8-noskip"):
+        mine = [c for c in configs if c["cell"] == cell]
+        lrs = sorted({c["trainer.lr"] for c in mine})
+        assert len(lrs) == 2  # two proposals per cell
+        for lr in lrs:  # each proposal repeated for every seed
+            assert sorted(c["seed"] for c in mine if c["trainer.lr"] == lr) == [0, 1]
+
+
+def test_optuna_hears_the_mean_over_seeds_once_all_repeats_end(tmp_path: Path) -> None:
+    s = searcher(tmp_path)
+    configs = {f"t{i}": s.suggest(f"t{i}") for i in range(8)}
+    group = [t for t, c in configs.items() if c["cell"] == "resnet8"
+             and c["trainer.lr"] == configs["t0"]["trainer.lr"]]
+    study = s._cells["resnet8"].study
+    finish(s, group[0], 0.6)
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.COMPLETE) == 0  # waits for seed 1
+    finish(s, group[1], 0.8)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 1 and complete[0].value == pytest.approx(0.7)
+    assert complete[0].params["trainer.lr"] == configs["t0"]["trainer.lr"]
+
+
+def test_divergence_is_the_worst_value_and_asha_stops_are_pruned_and_crashes_fail(tmp_path: Path) -> None:
+    s = searcher(tmp_path)
+    configs = {f"t{i}": s.suggest(f"t{i}") for i in range(8)}
+    by_group: dict[tuple[str, float], list[str]] = {}
+    for tid, c in configs.items():
+        by_group.setdefault((c["cell"], c["trainer.lr"]), []).append(tid)
+    (diverging, pruned), (crashed, _) = [v for k, v in by_group.items() if k[0] == "resnet8"], \
+        [v for k, v in by_group.items() if k[0] == "resnet8-noskip"]
+    finish(s, diverging[0], 0.1, diverged=True)
+    finish(s, diverging[1], 0.5)
+    finish(s, pruned[0], 0.3, final=False, epochs=1)  # stopped by ASHA after epoch 1
+    finish(s, pruned[1], 0.5, final=False, epochs=1)
+    s.on_trial_complete(crashed[0], None, error=True)
+    s.on_trial_complete(crashed[1], None, error=True)
+    states = {round(t.params["trainer.lr"], 12): t for t in s._cells["resnet8"].study.trials}
+    div = states[round(configs[diverging[0]]["trainer.lr"], 12)]
+    assert div.state == optuna.trial.TrialState.COMPLETE and div.value == -math.inf
+    pr = states[round(configs[pruned[0]]["trainer.lr"], 12)]
+    assert pr.state == optuna.trial.TrialState.PRUNED and pr.intermediate_values == {1: pytest.approx(0.4)}
+    noskip = s._cells["resnet8-noskip"].study.trials
+    assert [t.state for t in noskip].count(optuna.trial.TrialState.FAIL) == 1
+
+
+def test_confirm_stage_reruns_each_cells_best_config_with_confirm_seeds(tmp_path: Path) -> None:
+    s = searcher(tmp_path, "confirm: {seeds: [5, 6, 7]}")
+    assert s.total_trials() == 2 * (2 * 2 + 3)
+    configs = {f"t{i}": s.suggest(f"t{i}") for i in range(8)}
+    assert s.suggest("wait") is None  # search stage still running: nothing to confirm yet
+    for tid, c in configs.items():
+        finish(s, tid, 0.9 if c["trainer.lr"] == configs["t0"]["trainer.lr"] else 0.5)
+    confirm = [s.suggest(f"c{i}") for i in range(6)]
+    assert s.suggest("done") == Searcher.FINISHED
+    mine = [c for c in confirm if c["cell"] == "resnet8"]
+    assert {c["stage"] for c in confirm} == {"confirm"}
+    assert sorted(c["seed"] for c in mine) == [5, 6, 7]
+    assert {c["trainer.lr"] for c in mine} == {configs["t0"]["trainer.lr"]}  # the best configuration
+
+
+def test_state_survives_save_and_restore(tmp_path: Path) -> None:
+    s = searcher(tmp_path)
+    first = [s.suggest(f"t{i}") for i in range(3)]
+    s.save(str(tmp_path / "searcher.pkl"))
+    restored = searcher(tmp_path)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert [restored.suggest(f"t{i}") for i in range(3, 8)] == [s.suggest(f"t{i}") for i in range(3, 8)]
+    assert pickle.loads(pickle.dumps(restored._cells["resnet8"].study)).trials  # studies pickle whole
+    assert first
+
+
+def test_same_seed_same_proposals_and_cells_have_their_own_studies(tmp_path: Path) -> None:
+    a = [searcher(tmp_path).suggest(f"t{i}") for i in range(1)]
+    b = [searcher(tmp_path).suggest(f"t{i}") for i in range(1)]
+    assert a == b
+    s = searcher(tmp_path)
+    c0, c1 = s.suggest("x"), s.suggest("y")
+    assert c0["trainer.lr"] != c1["trainer.lr"]
