@@ -45,9 +45,14 @@ def fmt(value: Any, pattern: str) -> str:
 
 def error(message: str) -> None:
     """Print a user error (one line per problem) to stderr, without a traceback."""
+    from rich.markup import escape
+
     for line in message.rstrip().splitlines():
-        _stderr.print(f"[bold red]error:[/] {line}" if _stderr.is_terminal else f"error: {line}", markup=True,
-                      soft_wrap=True)
+        # User text ([from --set ...], bracketed values) must never be read as rich markup.
+        if _stderr.is_terminal:
+            _stderr.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
+        else:
+            _stderr.print(f"error: {line}", markup=False, soft_wrap=True)
 
 
 def info(message: str) -> None:

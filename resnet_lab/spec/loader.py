@@ -1,12 +1,18 @@
 """YAML in, Python values plus the line of every key out; and errors a person can act on.
 
-PyYAML follows YAML 1.1: unquoted `1e-3` is a string and `on`/`yes` are True. Our loader reads `1e-3` as a float
-and only `true`/`false` as booleans, so users write what they mean and `skip: yes` is an error, not a surprise.
+PyYAML follows YAML 1.1: unquoted `1e-3` is a string, `on`/`yes` are True and `010` is 8. Our loader follows the
+YAML 1.2 core schema instead: `1e-3` is a float, only `true`/`false` are booleans and integers are decimal, so users
+write what they mean and `skip: yes` is an error, not a surprise.
+
+Security: a spec is data. It is read with a subclass of `yaml.SafeLoader`, which never imports or calls Python
+objects, and any tag outside the core schema (`!!python/object/apply:...`) is an error naming the tag and its line.
+Aliases, nesting and numbers are bounded, so a hostile file fails in milliseconds instead of eating memory.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,7 +34,13 @@ class SpecIssue:
 
     def format(self, source: str) -> str:
         where = f"{source}:{self.line}" if self.line is not None else source
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        text = f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        return printable(text)
+
+
+def printable(text: str) -> str:
+    """One terminal-safe line: newlines, escape sequences and other control characters shown as `\\n`, `\\x1b`."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class SpecError(Exception):
@@ -53,61 +65,228 @@ class LineList(list):
     item_lines: list[int]
 
 
+# Bounds that keep a hostile or broken file from hanging the loader or eating memory. A real spec has a few dozen
+# values, nests 4 levels deep and uses no aliases at all.
+MAX_ALIAS_VALUES = 10_000  # values that aliases may add in total ("billion laughs" grows 9^n from n lines)
+MAX_DEPTH = 50  # nesting levels; PyYAML's composer recurses, so 10k '[' would otherwise be a RecursionError
+MAX_INT = 2**63 - 1  # every integer field (seeds, epochs, sizes) fits in 64 bits; 400 digits is a typo or an attack
+
+_CORE = "tag:yaml.org,2002:"
+
+
+class _SpecYAMLError(yaml.MarkedYAMLError):
+    """A rule of ours (not PyYAML's syntax) broken at a place in the file; `path` is the field it happened under."""
+
+    def __init__(self, message: str, mark: yaml.Mark | None, path: Sequence[Any]) -> None:
+        super().__init__(problem=message, problem_mark=mark)
+        self.spec_path = format_path(path)
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader (no object construction) with YAML-1.2-like scalars, line tracking and duplicate-key errors."""
+    """SafeLoader (no object construction) with YAML-1.2-like scalars, line tracking, bounds and duplicate-key errors.
+
+    `yaml.SafeLoader` never imports or calls Python objects; on top of that every tag outside YAML's core schema
+    (`!!python/...`, `!!binary`, `!!timestamp`, local `!tags`) is an error that names the tag.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._keys: list[Any] = []  # where the composer / constructor is, as a field path
+        self._depth = 0
+        self._alias_values = 0
+        self._sizes: dict[int, int] = {}
+
+    def fail(self, message: str, mark: yaml.Mark | None) -> _SpecYAMLError:
+        """An error at `mark`, under the field being read now."""
+        return _SpecYAMLError(message, mark, self._keys)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        # index is the key node of a mapping value, the position of a sequence item, None for keys and the root.
+        label = index.value if isinstance(index, yaml.ScalarNode) else index
+        if label is not None:
+            self._keys.append(label)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _SpecYAMLError(f"nested more than {MAX_DEPTH} levels deep; a spec needs 4",
+                                     self.peek_event().start_mark, self._keys[:2])  # the whole path is unreadable
+            if not self.check_event(yaml.AliasEvent):
+                return super().compose_node(parent, index)
+            event = self.peek_event()
+            mark = event.start_mark
+            if event.anchor not in self.anchors:
+                raise self.fail(f"alias *{event.anchor} refers to no anchor &{event.anchor} above it", mark)
+            node = super().compose_node(parent, index)
+            self._alias_values += _expanded_size(node, self._sizes)
+            if self._alias_values > MAX_ALIAS_VALUES:
+                raise self.fail(f"aliases expand to more than {MAX_ALIAS_VALUES:,} values (an alias bomb?); "
+                                "write the values out instead", mark)
+            return node
+        finally:
+            self._depth -= 1
+            if label is not None:
+                self._keys.pop()
 
 
-# Copy the resolver table so editing it does not change PyYAML's global SafeLoader.
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values a node stands for once every alias in it is expanded (memoised: aliases share nodes)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = 1  # provisional: an alias to an enclosing node (a cycle) counts once; construction rejects it
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    else:
+        size = 1
+    sizes[id(node)] = size
+    return size
+
+
+# YAML 1.2 core schema scalars instead of PyYAML's YAML 1.1 ones: only true/false are booleans (not yes/no/on/off),
+# integers are decimal (`010` is not octal 8, `1:30` is not 90), `1e-3` is a float, and dates and `=` stay strings.
+_Loader.yaml_implicit_resolvers = {}
+_Loader.add_implicit_resolver(_CORE + "null", re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""])
+_Loader.add_implicit_resolver(_CORE + "merge", re.compile(r"^<<$"), ["<"])
+_Loader.add_implicit_resolver(_CORE + "bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_CORE + "int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"), list("-+0123456789"))
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    _CORE + "float",
+    re.compile(r"^[-+]?(?:(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+)$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
     list("-+0123456789."),
 )
 
 
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LineDict:
+def _scalar(loader: _Loader, node: yaml.Node, kind: str) -> str:
+    if not isinstance(node, yaml.ScalarNode):
+        raise loader.fail(f"expected a single {kind} value, not a {_node_kind(node)}", node.start_mark)
+    return str(loader.construct_scalar(node))
+
+
+def _node_kind(node: yaml.Node) -> str:
+    return {yaml.MappingNode: "mapping", yaml.SequenceNode: "list"}.get(type(node), "value")
+
+
+def _construct_int(loader: _Loader, node: yaml.Node) -> int:
+    text = _scalar(loader, node, "integer").replace("_", "")
+    digits = len(text.lstrip("+-"))
+    if digits > 19:  # before int(): Python refuses to convert > 4300 digits, and shows them all in the error
+        raise loader.fail(f"{text[:8]}...{text[-4:]} ({digits} digits) is too large for any field", node.start_mark)
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise loader.fail(f"'{text}' is not an integer", node.start_mark) from None
+    if abs(value) > MAX_INT:
+        raise loader.fail(f"{value} is too large for any field (integers fit in 64 bits)", node.start_mark)
+    return value
+
+
+def _construct_float(loader: _Loader, node: yaml.Node) -> float:
+    text = _scalar(loader, node, "number")
+    lowered = text.replace("_", "").lower()
+    if lowered in (".nan", "nan"):
+        raise loader.fail(f"'{text}' (not a number) is not a usable value", node.start_mark)
+    if lowered.lstrip("+-") in (".inf", "inf"):
+        return float(lowered.replace(".", ""))
+    try:
+        value = float(lowered)
+    except ValueError:
+        raise loader.fail(f"'{text}' is not a number", node.start_mark) from None
+    if math.isinf(value):
+        raise loader.fail(f"{text} is too large for a float (it would be infinity)", node.start_mark)
+    return value
+
+
+def _construct_bool(loader: _Loader, node: yaml.Node) -> bool:
+    text = _scalar(loader, node, "boolean")
+    if text.lower() not in ("true", "false"):
+        raise loader.fail(f"'{text}' is not a boolean; write true or false", node.start_mark)
+    return text.lower() == "true"
+
+
+def _construct_mapping(loader: _Loader, node: yaml.Node) -> LineDict:
+    if not isinstance(node, yaml.MappingNode):
+        raise loader.fail(f"expected a mapping, not a {_node_kind(node)}", node.start_mark)
     loader.flatten_mapping(node)
     out = LineDict()
     out.line, out.key_lines = node.start_mark.line + 1, {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str | int | float | bool) or key is None:
-            raise yaml.MarkedYAMLError(problem="keys must be plain names", problem_mark=key_node.start_mark)
+        if not isinstance(key, str | int | float | bool):
+            shown = "empty" if key is None else f"a {_node_kind(key_node)}"
+            raise loader.fail(f"keys must be plain names (got {shown} key)", key_node.start_mark)
         if key in out:
-            raise yaml.MarkedYAMLError(
-                problem=f"duplicate key '{key}' (first on line {out.key_lines[key]})",
-                problem_mark=key_node.start_mark)
-        out[key] = loader.construct_object(value_node, deep=True)
+            raise loader.fail(f"invalid YAML: duplicate key '{key}' (first on line {out.key_lines[key]})",
+                              key_node.start_mark)
+        loader._keys.append(key)
+        try:
+            out[key] = loader.construct_object(value_node, deep=True)
+        except yaml.MarkedYAMLError as exc:  # PyYAML's own construction errors: say under which field
+            if not hasattr(exc, "spec_path"):
+                exc.spec_path = format_path(loader._keys)  # type: ignore[attr-defined]
+            raise
+        finally:
+            loader._keys.pop()
         out.key_lines[key] = key_node.start_mark.line + 1
     return out
 
 
-def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> LineList:
-    out = LineList(loader.construct_object(child, deep=True) for child in node.value)
+def _construct_sequence(loader: _Loader, node: yaml.Node) -> LineList:
+    if not isinstance(node, yaml.SequenceNode):
+        raise loader.fail(f"expected a list, not a {_node_kind(node)}", node.start_mark)
+    out = LineList()
+    for i, child in enumerate(node.value):
+        loader._keys.append(i)
+        try:
+            out.append(loader.construct_object(child, deep=True))
+        finally:
+            loader._keys.pop()
     out.line, out.item_lines = node.start_mark.line + 1, [child.start_mark.line + 1 for child in node.value]
     return out
 
 
+def _construct_other_tag(loader: _Loader, node: yaml.Node) -> Any:
+    tag = node.tag.replace(_CORE, "!!")
+    raise loader.fail(f"tag '{tag}' is not allowed: a spec holds plain values (text, numbers, true/false, lists, "
+                      "mappings) and is never run as code", node.start_mark)
+
+
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+_Loader.add_constructor(_CORE + "int", _construct_int)
+_Loader.add_constructor(_CORE + "float", _construct_float)
+_Loader.add_constructor(_CORE + "bool", _construct_bool)
+for _tag in ("binary", "omap", "pairs", "set", "timestamp"):  # safe, but not values any spec field takes
+    _Loader.add_constructor(_CORE + _tag, _construct_other_tag)
+_Loader.add_constructor(None, _construct_other_tag)  # every other tag: !!python/..., !local
+
+
+def format_path(parts: Iterable[Any]) -> str:
+    """["search", "lr", "values", 0] -> "search.lr.values[0]"."""
+    return "".join(f"[{p}]" if isinstance(p, int) and not isinstance(p, bool) else f".{p}" for p in parts).lstrip(".")
 
 
 def parse_yaml_text(text: str, source: str) -> Any:
-    """Parse YAML text with our scalar rules; raises SpecError with the line on syntax errors."""
+    """Parse YAML text with our scalar rules and bounds; raises SpecError with the line on any problem."""
     try:
         return yaml.load(text, Loader=_Loader)
+    except _SpecYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise SpecError(source, [SpecIssue(line, exc.spec_path, str(exc.problem))]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or str(exc)
         if ("\t" in text and "tab" in problem.lower()) or (mark and "\t" in _line_of(text, mark.line)):
             problem = "tab character: YAML indentation must use spaces"
-        raise SpecError(source, [SpecIssue(mark.line + 1 if mark else None, "", f"invalid YAML: {problem}")]) from None
+        elif problem == "but found another document":
+            problem = "a spec is one YAML document; remove the `---` line and what follows it"
+        elif "recursive" in problem:
+            problem = "an alias refers to a mapping or list that contains it; a spec cannot be recursive"
+        elif exc.context and exc.context_mark and mark and exc.context_mark.line != mark.line:
+            problem += f" ({exc.context} started on line {exc.context_mark.line + 1})"
+        issue = SpecIssue(mark.line + 1 if mark else None, getattr(exc, "spec_path", ""), f"invalid YAML: {problem}")
+        raise SpecError(source, [issue]) from None
     except yaml.YAMLError as exc:
         raise SpecError(source, [SpecIssue(None, "", f"invalid YAML: {exc}")]) from None
 
@@ -139,10 +318,18 @@ def read_spec_file(path: str | Path) -> tuple[LineDict, str]:
     if data is None:
         raise SpecError(source, [SpecIssue(1, "", "the spec is empty; expected a mapping with at least `name`")])
     if not isinstance(data, dict):
-        line = getattr(data, "line", 1)
+        line = getattr(data, "line", None) or _first_content_line(text)
         raise SpecError(source, [SpecIssue(line, "", f"expected a mapping of sections at the top level "
                                                      f"(got {type(data).__name__})")])
     return data, source
+
+
+def _first_content_line(text: str) -> int:
+    """The first line that is neither blank nor a comment (where a top-level scalar sits)."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            return number
+    return 1
 
 
 def line_of(data: Any, path: Iterable[Any]) -> int | None:
@@ -160,5 +347,7 @@ def line_of(data: Any, path: Iterable[Any]) -> int | None:
 
 def suggest(word: str, choices: Iterable[str]) -> str:
     """"; did you mean 'x'?" for a near miss, else ""."""
-    match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    choices = list(choices)
+    prefixed = [c for c in choices if len(word) >= 3 and c.startswith(word)]  # `grace` -> `grace_period`
+    match = prefixed[:1] if len(prefixed) == 1 else difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
     return f"; did you mean '{match[0]}'?" if match else ""

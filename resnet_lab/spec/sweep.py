@@ -274,8 +274,8 @@ def cell_label(base: TrialConfig, values: dict[str, Any]) -> str:
 
 def applies(path: str, model_name: str) -> bool:
     """Whether a config path means something for a model (depth/skip only for residual models, ...)."""
-    if not path.startswith("model.") or path == "model.name":
-        return True
+    if not path.startswith("model.") or path == "model.name" or model_name not in MODEL_CATALOG:
+        return True  # an unknown model keeps every factor, so validation reports the name, not a KeyError
     return path.split(".", 1)[1] in MODEL_CATALOG[model_name].params
 
 
@@ -324,6 +324,14 @@ def expand_cells(spec: SweepSpec) -> list[Cell]:
     return cells
 
 
+class CellError(ValueError):
+    """A grid combination (or searched value) makes an invalid TrialConfig; `field` is the config path at fault."""
+
+    def __init__(self, message: str, values: dict[str, Any], field: str) -> None:
+        super().__init__(message)
+        self.values, self.field = values, field
+
+
 def _validated(config: dict[str, Any], values: dict[str, Any], section: str) -> TrialConfig:
     try:
         return TrialConfig.model_validate(config)
@@ -331,7 +339,7 @@ def _validated(config: dict[str, Any], values: dict[str, Any], section: str) -> 
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         shown = ", ".join(f"{p}={v!r}" for p, v in values.items())
-        raise ValueError(f"{section} combination {{{shown}}}: {where}: {_clean(err['msg'])}") from None
+        raise CellError(f"{section} combination {{{shown}}}: {where}: {_clean(err['msg'])}", values, where) from None
 
 
 def _clean(message: str) -> str:
@@ -362,6 +370,10 @@ def check_cells(spec: SweepSpec, cells: list[Cell]) -> list[tuple[str, str]]:
                     break
     if spec.search and not any(cell.search for cell in cells):
         problems.append(("search", "no searched value applies to any cell's model"))
+    if spec.samples_per_cell > 1 and not spec.search:
+        problems.append(("samples_per_cell", f"needs a `search` section: with nothing searched every sample of a "
+                                             f"cell is the same configuration (got {spec.samples_per_cell}); "
+                                             "use `seeds` to repeat runs"))
     if spec.confirm is not None and not spec.search:
         problems.append(("confirm", "needs a `search` section: it re-runs each cell's best searched configuration"))
     if isinstance(spec.scheduler, AshaConfig):

@@ -37,7 +37,7 @@ class SyntheticConfig(StrictModel):
     channels: Literal[1, 3] = 3
     image_size: int = Field(32, ge=8, le=256)
     noise: float = Field(0.5, ge=0.0, le=10.0)  # std of the per-image noise, relative to the class pattern
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
 class DatasetConfig(StrictModel):
@@ -46,9 +46,10 @@ class DatasetConfig(StrictModel):
     name: DatasetName = "cifar10"
     root: str | None = None  # None -> default_data_root()
     download: bool = True  # fetch through torchvision when missing (needs the internet)
-    subset: int | None = Field(None, gt=0)  # use only the first N shuffled training images (quick runs)
+    subset: int | None = Field(None, gt=0, le=100_000_000)  # use only the first N shuffled training images (quick runs)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    split_seed: int = Field(0, ge=0)  # fixed across trial seeds so every trial validates on the same images
+    # fixed across trial seeds so every trial validates on the same images
+    split_seed: int = Field(0, ge=0, le=2**31 - 1)
     augment: bool | None = None  # None -> the dataset's default (crop+flip; crop only for digits)
     synthetic: SyntheticConfig = SyntheticConfig()
 
@@ -110,13 +111,13 @@ class TrainerConfig(StrictModel):
     nesterov: bool | None = None
     weight_decay: float | None = Field(None, ge=0.0, le=1.0)
     schedule: Literal["plateau", "onecycle", "cosine", "none"] | None = None
-    warmup_epochs: float | None = Field(None, ge=0.0)
-    plateau_patience: int | None = Field(None, ge=0)
+    warmup_epochs: float | None = Field(None, ge=0.0, le=10_000)
+    plateau_patience: int | None = Field(None, ge=0, le=10_000)
     plateau_factor: float | None = Field(None, gt=0.0, lt=1.0)
-    early_stopping_patience: int | None = Field(None, ge=0)  # 0 disables early stopping
+    early_stopping_patience: int | None = Field(None, ge=0, le=10_000)  # 0 disables early stopping
     label_smoothing: float | None = Field(None, ge=0.0, lt=1.0)
     dropout: float | None = Field(None, ge=0.0, lt=1.0)  # default dropout for models that do not set their own
-    grad_clip: float | None = Field(None, gt=0.0)
+    grad_clip: float | None = Field(None, gt=0.0, le=1e6)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU Ray (or CUDA_VISIBLE_DEVICES) gives us
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
