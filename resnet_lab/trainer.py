@@ -67,6 +67,13 @@ def select_device(tc: ResolvedTrainer) -> torch.device:
     return torch.device("cpu")
 
 
+def process_group() -> tuple[int, int]:
+    """(rank, world size) when Ray Train (or torchrun) initialised a process group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv and linear layers of the main path, in definition order (the model zoo keeps it = forward order).
 
@@ -93,14 +100,21 @@ class _Run:
                                      **kwargs)
         self.params = count_params(self.model)
         self.model.to(device=device, memory_format=self.memory_format)
-        self.forward = torch.compile(self.model) if self.tc.compile else self.model
+        self.rank, self.world = process_group()
+        forward: nn.Module = self.model
+        if self.world > 1:  # gradients averaged across workers; buffers (BN stats) broadcast from rank 0
+            forward = nn.parallel.DistributedDataParallel(self.model, device_ids=[device] if self.cuda else None)
+        self.forward = torch.compile(forward) if self.tc.compile else forward
         self.layers = weighted_layers(self.model)
         gen_device = device if self.cuda else "cpu"
         self.order_gen = torch.Generator(gen_device).manual_seed(derive_seed(cfg.seed, "order"))
         self.aug_gen = torch.Generator(gen_device).manual_seed(derive_seed(cfg.seed, "augment"))
+        # DDP: each worker trains on a fixed 1/world shard, batch_size images per worker per step (global batch =
+        # batch_size x workers); the lr applies to that global batch as given.
+        train_x, train_y = data.train[0][self.rank::self.world], data.train[1][self.rank::self.world]
         self.train_loader = DeviceLoader(
-            *data.train, batch_size=self.tc.batch_size, mean=data.mean, std=data.std, shuffle=True,
-            drop_last=len(data.train[1]) > self.tc.batch_size, augment=data.augment_for(cfg.dataset.augment),
+            train_x, train_y, batch_size=self.tc.batch_size, mean=data.mean, std=data.std, shuffle=True,
+            drop_last=len(train_y) > self.tc.batch_size, augment=data.augment_for(cfg.dataset.augment),
             order_generator=self.order_gen, augment_generator=self.aug_gen, channels_last=self.memory_format
             == torch.channels_last)
         self.optimizer = build_optimizer(self.model, self.tc, device)
@@ -164,8 +178,14 @@ class _Run:
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             steps += 1
-            if steps % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(loss_sum):
+            # Single process only: a DDP worker leaving the loop alone would hang the others' all-reduce.
+            if self.world == 1 and steps % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(loss_sum):
                 break
+        if self.world > 1:  # global metrics; DDP's gradients were already averaged, so grads sum to world x
+            totals = torch.cat([torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=self.device)]),
+                                grad_sum / self.world])
+            torch.distributed.all_reduce(totals)
+            loss_sum, correct, seen, grad_sum = totals[0], totals[1], int(totals[2].item()), totals[3:]
         if self.cuda:
             torch.cuda.synchronize(self.device)
         train_time = time.perf_counter() - start
@@ -191,7 +211,11 @@ class _Run:
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
         n = len(split[1])
-        return loss_sum.item() / n, correct.item() / n
+        result = torch.stack([loss_sum / n, correct.float() / n])
+        if self.world > 1:  # every worker evaluated the whole split; average so all take the same decisions
+            torch.distributed.all_reduce(result)
+            result /= self.world
+        return result[0].item(), result[1].item()
 
     def end_of_epoch(self, val_loss: float) -> bool:
         """Update plateau schedule and early stopping; True when early stopping says stop."""
@@ -218,7 +242,7 @@ class _Run:
         while self.epoch < self.tc.epochs:
             start = time.perf_counter()
             self.epoch += 1
-            metrics = {"epoch": float(self.epoch), **self.train_epoch()}
+            metrics = {"epoch": float(self.epoch), "workers": float(self.world), **self.train_epoch()}
             val_loss, val_acc = self.evaluate(self.data.val)
             metrics.update({"val/loss": val_loss, "val/acc": val_acc,
                             "lr": self.optimizer.param_groups[0]["lr"]})

@@ -30,7 +30,7 @@ from resnet_lab.tune.schedule import CellScheduler
 from resnet_lab.tune.trainable import META_KEYS, trial_config
 
 log = logging.getLogger(__name__)
-TRAINER_SCALARS = ("epoch", "lr", "epoch_time_s", "throughput_img_s", "params", "best_epoch", "diverged")
+TRAINER_SCALARS = ("epoch", "workers", "lr", "epoch_time_s", "throughput_img_s", "params", "best_epoch", "diverged")
 
 
 def our_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -24,6 +24,7 @@ from resnet_lab.spec.load import LoadedSpec
 from resnet_lab.spec.sweep import AshaConfig
 from resnet_lab.tracking import TAG_OUTCOME, TAG_SPEC_HASH, SweepTracker
 from resnet_lab.tune.callbacks import TrackingCallback
+from resnet_lab.tune.ddp import DRIVER_RESOURCES, train_trial_ddp
 from resnet_lab.tune.schedule import CellScheduler
 from resnet_lab.tune.search import CellSearcher
 from resnet_lab.tune.trainable import train_trial
@@ -161,6 +162,20 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def build_trainable(loaded: LoadedSpec, storage: str) -> Any:
+    """The trainable with its resources: one process per trial, or a DDP driver over `resources.workers`."""
+    res = loaded.spec.resources
+    bases = {c.label: c.base for c in loaded.cells}
+    if res.workers > 1:
+        return tune.with_resources(
+            tune.with_parameters(train_trial_ddp, bases=bases, workers=res.workers, cpu=res.cpu, gpu=res.gpu,
+                                 storage=storage), DRIVER_RESOURCES)
+    resources: dict[str, float] = {"cpu": res.cpu, "gpu": res.gpu}
+    if res.memory_gb:
+        resources["memory"] = res.memory_gb * 2**30
+    return tune.with_resources(tune.with_parameters(train_trial, bases=bases), resources)
+
+
 def _parent_tags(loaded: LoadedSpec) -> dict[str, str]:
     return {TAG_SPEC_HASH: loaded.spec_hash, "spec_source": loaded.source}
 
@@ -173,11 +188,7 @@ def run_sweep(loaded: LoadedSpec, options: RunOptions) -> SweepOutcome:
     tracker = SweepTracker(options.tracking_uri, spec.experiment_name)
     searcher = CellSearcher(spec, cells)
     total = searcher.total_trials()
-    bases = {c.label: c.base for c in cells}
-    resources: dict[str, float] = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-    if spec.resources.memory_gb:
-        resources["memory"] = spec.resources.memory_gb * 2**30
-    trainable = tune.with_resources(tune.with_parameters(train_trial, bases=bases), resources)
+    trainable = build_trainable(loaded, storage)
 
     if options.resume:
         runs = previous_runs(loaded, storage)

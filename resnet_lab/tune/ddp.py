@@ -1,0 +1,67 @@
+"""Data-parallel trials: one Tune trial drives a Ray Train `TorchTrainer` over `resources.workers` workers.
+
+Ray 2.60 runs Train V2, which refuses `Tuner(TorchTrainer(...))`; the supported pattern is a Tune function that
+builds the TorchTrainer with `TuneReportCallback` and calls `.fit()`. Ray Train sets up the process group (NCCL on
+GPU, gloo on CPU) and each worker's device; `fit()` sees an initialised process group and shards its data.
+Metric names, checkpoints and resume are those of single-worker trials.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from ray import tune
+
+from resnet_lab.checkpoint import TrainState
+from resnet_lab.spec import TrialConfig
+from resnet_lab.tune.trainable import trial_config
+
+# The driver function only waits on its workers; Tune refuses a zero-resource request, so ask for a little memory.
+DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: the same `fit()`, reporting through ray.train."""
+    import ray.train
+
+    from resnet_lab.trainer import fit
+
+    cfg: TrialConfig = trial_config(loop_config["base"], loop_config["config"], loop_config["cpus"])
+    rank = ray.train.get_context().get_world_rank()
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resume = TrainState.load(directory)
+
+    def report(epoch: Any) -> None:
+        if rank != 0:  # every worker reports (Train waits for all); rank 0 alone writes the checkpoint
+            ray.train.report(dict(epoch.metrics))
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            epoch.state().save(directory)
+            ray.train.report(dict(epoch.metrics), checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    fit(cfg, report, resume=resume)
+
+
+def train_trial_ddp(config: dict[str, Any], bases: dict[str, TrialConfig], workers: int, cpu: float, gpu: float,
+                    storage: str) -> None:
+    """A Tune trial that trains data-parallel; a retried trial resumes Train's run of the same name."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    experiment = tune.get_context().get_experiment_name()
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": config, "base": bases[config["cell"]], "cpus": cpu},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu > 0,
+                                               resources_per_worker={"CPU": cpu, "GPU": gpu}),
+        run_config=ray.train.RunConfig(
+            name=f"{experiment}-ddp-{trial_id}", storage_path=storage, callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+    )
+    trainer.fit()
