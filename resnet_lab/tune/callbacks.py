@@ -129,9 +129,9 @@ class TrackingCallback(Callback):
         self.tracker.log_metrics(self._run_id(trial), finite, step)
         self.history.setdefault(trial.trial_id, []).append(metrics)
         if step == 1:
-            node = result.get("node_ip")
-            if node:
-                self.tracker.set_tags(self._run_id(trial), {"node_ip": str(node)})
+            nodes = {key: str(result[key]) for key in ("node_ip", "node_id") if result.get(key)}
+            if nodes:
+                self.tracker.set_tags(self._run_id(trial), nodes)
         if self.view is not None:
             self.view.trial_update(trial.trial_id, run_name(trial.config), trial.config["cell"], metrics)
 

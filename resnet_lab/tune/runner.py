@@ -67,8 +67,9 @@ class SweepOutcome:
 
 
 def storage_path(loaded: LoadedSpec, override: str | None) -> str:
-    """Where Ray keeps trial state: a URI as given, a local path made absolute (default ./ray_results)."""
-    storage = override or loaded.spec.storage or "ray_results"
+    """Where Ray keeps trial state: --storage, else the spec's, else $RESNET_LAB_STORAGE (set on our cluster
+    heads to the shared bucket), else ./ray_results; a URI as given, a local path made absolute."""
+    storage = override or loaded.spec.storage or os.environ.get("RESNET_LAB_STORAGE") or "ray_results"
     return storage if "://" in storage else str(Path(storage).expanduser().absolute())
 
 

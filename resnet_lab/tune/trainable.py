@@ -7,6 +7,7 @@ import math
 import tempfile
 from typing import Any
 
+import ray
 from ray import tune
 
 from resnet_lab.checkpoint import TrainState
@@ -48,8 +49,10 @@ def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig]) -> None:
         with checkpoint.as_directory() as directory:
             resume = TrainState.load(directory)
 
+    node_id = ray.get_runtime_context().get_node_id()  # node_ip cannot tell apart nodes that share a host
+
     def report(epoch: Any) -> None:
-        metrics = dict(epoch.metrics)
+        metrics = {**epoch.metrics, "node_id": node_id}
         with tempfile.TemporaryDirectory() as directory:
             epoch.state().save(directory)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))

@@ -1,0 +1,209 @@
+"""clusters/: the cluster launcher configs validate against the schema inside the installed `ray` package (and pass
+the preparation `ray up` does before it touches a cloud); the KubeRay manifest has what KubeRay needs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTERS = ROOT / "clusters"
+SCHEMA_PATH = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+KUBERAY = CLUSTERS / "kuberay-raycluster.yaml"
+LAUNCHERS = sorted(p for p in CLUSTERS.glob("*.yaml") if p != KUBERAY)
+STORAGE_SCHEME = {"aws": "s3://", "gcp": "gs://"}
+
+
+def load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def head_commands(config: dict[str, Any]) -> str:
+    return "\n".join(config["head_start_ray_commands"])
+
+
+def test_every_cluster_file_is_checked_here() -> None:
+    assert {p.name for p in LAUNCHERS} == {"aws-gpu.yaml", "gcp-gpu.yaml"}
+    assert KUBERAY.exists() and (CLUSTERS / "README.md").exists() and (CLUSTERS / "local_cluster.py").exists()
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
+def test_launcher_config_validates_against_rays_schema(path: Path, schema: dict[str, Any]) -> None:
+    jsonschema.validate(load(path), schema)
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
+def test_launcher_config_passes_the_preparation_ray_up_does(path: Path) -> None:
+    """Provider defaults merged in, docker and node types checked, then the schema again (no cloud calls)."""
+    prepared = prepare_config(load(path))
+    validate_config(prepared)
+    assert prepared["available_node_types"][prepared["head_node_type"]]["max_workers"] == 0
+
+
+def test_schema_check_rejects_a_misspelled_field(schema: dict[str, Any]) -> None:
+    config = load(LAUNCHERS[0])
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu_worker"]["min_worker"] = 0  # not min_workers
+    with pytest.raises(jsonschema.ValidationError, match="min_worker"):
+        jsonschema.validate(broken, schema)
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
+def test_gpu_workers_autoscale_from_zero_under_a_cpu_head(path: Path) -> None:
+    config = load(path)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    assert "--num-cpus=0" in head_commands(config)  # trials never land on the head
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    gpu = [t for t in workers.values() if t["resources"].get("GPU", 0) >= 1]
+    assert gpu, f"{path.name}: no worker type with a GPU"
+    for worker in gpu:
+        assert worker["min_workers"] == 0 and 1 <= worker["max_workers"] <= config["max_workers"]
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
+def test_dashboard_and_mlflow_listen_only_on_the_head_loopback(path: Path) -> None:
+    config = load(path)
+    commands = head_commands(config)
+    assert "--dashboard-host=127.0.0.1" in commands
+    assert re.search(r"mlflow server --host 127\.0\.0\.1 ", commands)
+    assert "0.0.0.0" not in path.read_text()
+    # AWS: no inbound rule beyond the SSH and intra-cluster ones Ray adds itself.
+    assert not config["provider"].get("security_group", {}).get("IpPermissions")
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
+def test_project_is_installed_on_every_node(path: Path) -> None:
+    config = load(path)
+    remote = next(r for r, local in config["file_mounts"].items() if local == ".")
+    # setup_commands run on head and workers alike (head_/worker_setup_commands only on one kind).
+    assert any(c.startswith("pip install") and remote in c for c in config["setup_commands"])
+    assert ".gitignore" in config["rsync_filter"]  # datasets, mlflow.db, ray_results stay home
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
+def test_sweep_storage_and_mlflow_artifacts_live_in_the_clouds_bucket(path: Path) -> None:
+    config = load(path)
+    scheme = STORAGE_SCHEME[config["provider"]["type"]]
+    commands = head_commands(config)
+    storage = re.search(r"RESNET_LAB_STORAGE=(\S+);", commands)
+    assert storage and storage.group(1).startswith(scheme)
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000;" in commands
+    assert f"--artifacts-destination {scheme}" in commands
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
+def test_token_auth_is_on_for_every_node(path: Path) -> None:
+    config = load(path)
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        assert "export RAY_AUTH_MODE=token;" in start
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_every_image_runs_the_same_ray() -> None:
+    versions = set()
+    for path in LAUNCHERS:
+        docker = load(path)["docker"]
+        for image in (docker["head_image"], docker["worker_image"]):
+            versions.add(re.fullmatch(r"rayproject/ray:([\d.]+)-py311-(cpu|gpu)", image).group(1))
+    versions.add(re.search(r"^FROM rayproject/ray:([\d.]+)-", (CLUSTERS / "Dockerfile").read_text(), re.M).group(1))
+    versions.add(kuberay_docs()["RayCluster"]["spec"]["rayVersion"])
+    assert len(versions) == 1, versions
+
+
+# --- KubeRay ------------------------------------------------------------------------------------------------------
+
+
+def kuberay_docs() -> dict[str, dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(KUBERAY.read_text()) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    assert len(by_kind) == len(docs), "one object of each kind"
+    return by_kind
+
+
+def pod_spec(group: dict[str, Any]) -> dict[str, Any]:
+    return group["template"]["spec"]
+
+
+def test_kuberay_manifest_has_the_fields_kuberay_requires() -> None:
+    cluster = kuberay_docs()["RayCluster"]
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["metadata"]["name"]
+    spec = cluster["spec"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        # KubeRay's CRD types rayStartParams as map[string]string: an unquoted 0 is rejected.
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values())
+        ray_container = pod_spec(group)["containers"][0]  # KubeRay runs Ray in the first container
+        assert ray_container["name"] and ray_container["image"]
+    names = [g["groupName"] for g in spec["workerGroupSpecs"]]
+    assert len(names) == len(set(names))
+    for group in spec["workerGroupSpecs"]:
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_kuberay_gpu_group_autoscales_from_zero_with_requests_equal_to_limits() -> None:
+    spec = kuberay_docs()["RayCluster"]["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    gpu_groups = [g for g in spec["workerGroupSpecs"]
+                  if "nvidia.com/gpu" in pod_spec(g)["containers"][0]["resources"]["limits"]]
+    assert gpu_groups and all(g["minReplicas"] == 0 for g in gpu_groups)
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        for container in pod_spec(group)["containers"]:
+            resources = container["resources"]
+            assert resources["requests"] == resources["limits"], container["name"]  # Guaranteed QoS
+            assert {"cpu", "memory"} <= set(resources["limits"])
+    head = pod_spec(spec["headGroupSpec"])["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_kuberay_head_is_reachable_only_inside_the_cluster() -> None:
+    docs = kuberay_docs()
+    head = docs["RayCluster"]["spec"]["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    assert not {"Ingress", "Service"} & set(docs)  # no extra exposure next to KubeRay's own head service
+    mlflow = next(c for c in pod_spec(head)["containers"] if c["name"] == "mlflow")
+    assert mlflow["command"][mlflow["command"].index("--host") + 1] == "127.0.0.1"
+
+
+def test_kuberay_pods_run_the_project_image_and_their_references_resolve() -> None:
+    docs = kuberay_docs()
+    spec = docs["RayCluster"]["spec"]
+    pods = [pod_spec(g) for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
+    images = {c["image"] for pod in pods for c in pod["containers"]}
+    assert len(images) == 1 and "resnet-lab" in images.pop()
+    for pod in pods:
+        assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])
+                  if "persistentVolumeClaim" in v}
+        assert claims <= {docs["PersistentVolumeClaim"]["metadata"]["name"]}
+        mounted = {m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        assert mounted <= {v["name"] for v in pod.get("volumes", [])}
+
+
+# --- the guide ----------------------------------------------------------------------------------------------------
+
+
+def test_guide_names_only_files_that_exist() -> None:
+    guide = (CLUSTERS / "README.md").read_text()
+    paths = set(re.findall(r"\b((?:clusters|sweeps)/[\w.-]+\.(?:yaml|py|md)|clusters/Dockerfile)\b", guide))
+    assert {"clusters/aws-gpu.yaml", "sweeps/depth_ablation.yaml"} <= paths
+    assert all((ROOT / p).exists() for p in paths), sorted(p for p in paths if not (ROOT / p).exists())
+    for command in ("ray up clusters/aws-gpu.yaml", "ray job submit --address", "ray down clusters/aws-gpu.yaml"):
+        assert command in guide
