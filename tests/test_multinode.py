@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -163,3 +165,69 @@ def test_stopping_the_nodes_by_pid_leaves_no_process_behind(cluster: lc.LocalClu
     assert lc.alive(before | trial_pids) == set()
     assert lc.cluster_pids(cluster) == set()
     assert not (Path(cluster.root) / lc.STATE_FILE).exists()
+
+
+NODE_LOSS_SPEC = """
+name: nodeloss
+experiment: nodeloss
+dataset: {name: synthetic, synthetic: {train_size: 512, test_size: 64, image_size: 16}, val_fraction: 0.25}
+model: {name: resnet, depth: 8, width: 0.125}
+trainer: {epochs: 8, batch_size: 32, threads: 1}
+grid:
+  skip: [true, false]
+resources: {cpu: 1}
+max_concurrent: 2
+max_failures: 3
+"""
+
+
+@pytest.mark.slow
+def test_losing_a_worker_node_resumes_its_trial_on_the_survivor_from_its_checkpoint(tmp_path: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))
+    cluster = lc.start(root, workers=1, cpus_per_node=1)
+    try:
+        spec = tmp_path / "nodeloss.yaml"
+        spec.write_text(NODE_LOSS_SPEC)
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        env = cluster.driver_env()
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), str(spec), "--address", cluster.address,
+                                 "--tracking-uri", uri, "--storage", str(tmp_path / "ray_results")],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        worker = next(n for n in cluster.nodes if n.role != "head")
+        victim = None
+        deadline = time.monotonic() + 300
+        while victim is None and time.monotonic() < deadline:  # a trial on the worker node with 2 epochs done
+            for path in (tmp_path / "ray_results").glob("nodeloss-*/*/result.json"):
+                lines = path.read_text().splitlines()
+                if len(lines) >= 2 and json.loads(lines[-1]).get("node_id") == worker.node_id:
+                    victim = json.loads(lines[-1])
+            time.sleep(0.2)
+        assert victim is not None, "no trial reached epoch 2 on the worker node"
+        raylets = [p for p in lc.node_pids(worker) if "raylet" in lc._cmdline(p).split(" ", 1)[0]]
+        assert raylets, "the worker node has no raylet"
+        lost = time.perf_counter()
+        for pid in raylets:
+            os.kill(pid, signal.SIGKILL)  # the node dies: its raylet and, with it, the node's workers
+        out, err = proc.communicate(timeout=600)
+        print(f"\nnode lost at epoch {victim['training_iteration']}; sweep finished {time.perf_counter() - lost:.0f} s "
+              f"later")
+        assert proc.returncode == 0, out[-3000:] + err[-3000:]
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("nodeloss")
+        kids = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(TAG_ROLE) == "trial"]
+        assert len(kids) == 2 and {k.info.status for k in kids} == {"FINISHED"}
+        moved = next(k for k in kids if k.data.tags[TAG_TRIAL_ID] == victim["trial_id"])
+        assert int(moved.data.tags["retries"]) >= 1
+        # Resumed from its checkpoint: every epoch logged exactly once, none trained twice.
+        assert [m.step for m in client.get_metric_history(moved.info.run_id, "val/acc")] == list(range(1, 9))
+        results = [json.loads(line) for line in
+                   next((tmp_path / "ray_results").glob(f"nodeloss-*/*{victim['trial_id']}/result.json"))
+                   .read_text().splitlines()]
+        head = next(n for n in cluster.nodes if n.role == "head")
+        assert results[-1]["node_id"] == head.node_id  # finished on the surviving node
+    finally:
+        survivors = lc.stop(cluster)
+        if not survivors:
+            shutil.rmtree(root, ignore_errors=True)
+        assert not survivors, f"cluster processes survived teardown: {sorted(survivors)}"

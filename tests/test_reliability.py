@@ -1,0 +1,242 @@
+"""Nothing a user does or a machine suffers loses results or corrupts the MLflow record.
+
+Each test kills real processes it started (the sweep driver, a trial's worker) and asserts on the MLflow store and
+Ray's results afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from procs import descendants, kill_all
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SPEC = """
+name: NAME
+experiment: reliability
+dataset: {name: synthetic, synthetic: {train_size: 512, test_size: 64, image_size: 16}}
+model: {name: resnet, depth: 8, width: 0.125}
+trainer: {epochs: EPOCHS, batch_size: 64, threads: 1}
+grid:
+  skip: [true, false]
+search:
+  lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
+samples_per_cell: SAMPLES
+max_concurrent: 2
+max_failures: 2
+"""
+
+pytestmark = pytest.mark.slow
+
+
+def write_spec(tmp: Path, name: str, epochs: int = 5, samples: int = 3, extra: str = "") -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(SPEC.replace("NAME", name).replace("EPOCHS", str(epochs)).replace("SAMPLES", str(samples))
+                    + extra)
+    return path
+
+
+def sweep_cmd(tmp: Path, spec: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "sweep.py"), str(spec), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+            "--storage", str(tmp / "ray_results"), *extra]
+
+
+def start(tmp: Path, cmd: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc: subprocess.Popen[str], needle: str, timeout_s: float = 300) -> list[str]:
+    """Read the driver's stdout until a line contains `needle`."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"never saw {needle!r}; got {''.join(lines)}")
+
+
+def runs(tmp: Path, sweep_prefix: str) -> tuple[list, list]:
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("reliability")
+    every = client.search_runs([exp.experiment_id], max_results=5000)
+    parents = [r for r in every if r.data.tags.get("resnet_lab.role") == "sweep"
+               and r.data.tags["resnet_lab.sweep"].startswith(sweep_prefix + "-")]
+    ids = {p.info.run_id for p in parents}
+    return parents, [r for r in every if r.data.tags.get("mlflow.parentRunId") in ids]
+
+
+def steps(tmp: Path, run_id: str, key: str = "val/acc") -> list[int]:
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def assert_complete_record(tmp: Path, name: str, planned: int, epochs: int) -> list:
+    """One parent, exactly one FINISHED child per trial, every epoch logged exactly once."""
+    parents, kids = runs(tmp, name)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(kids) == planned, [k.info.run_name for k in kids]
+    assert Counter(k.data.tags["resnet_lab.trial_id"] for k in kids).most_common(1)[0][1] == 1
+    for kid in kids:
+        assert kid.info.status == "FINISHED", (kid.info.run_name, kid.info.status)
+        assert steps(tmp, kid.info.run_id) == list(range(1, epochs + 1)), kid.info.run_name  # no epoch twice
+    lrs = [(k.data.tags["resnet_lab.cell"], k.data.params["lr"]) for k in kids]
+    assert len(set(lrs)) == planned  # the searcher's history survived: no configuration proposed twice
+    return kids
+
+
+def interrupt_after_first_trials(tmp: Path, spec: Path, sig: signal.Signals) -> tuple[int, str, str]:
+    proc = start(tmp, sweep_cmd(tmp, spec))
+    seen = wait_for_line(proc, "[2/")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=180)
+    return proc.returncode, "".join(seen) + out, err
+
+
+def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_sweep(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, "sigint")
+    rc, out, err = interrupt_after_first_trials(tmp_path, spec, signal.SIGINT)
+    assert rc == 130, out + err
+    assert "continue with:" in out and "--resume" in out and "Traceback" not in err
+    parents, kids = runs(tmp_path, "sigint")
+    assert parents[0].info.status == "KILLED" and parents[0].data.tags["interrupted"] == "true"
+    assert all(k.info.status != "RUNNING" for k in kids)  # nothing left RUNNING after Ctrl-C
+    finished_before = {k.data.tags["resnet_lab.trial_id"] for k in kids if k.info.status == "FINISHED"}
+    assert len(finished_before) >= 2
+
+    resumed = subprocess.run(sweep_cmd(tmp_path, spec, "--resume"), cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    kids = assert_complete_record(tmp_path, "sigint", planned=6, epochs=5)
+    # Finished trials were not re-run: their runs were not re-opened, so they ended before the resume started.
+    resume_start = min(k.info.start_time for k in kids if k.data.tags["resnet_lab.trial_id"] not in finished_before)
+    for kid in kids:
+        if kid.data.tags["resnet_lab.trial_id"] in finished_before:
+            assert kid.info.end_time <= resume_start + 60_000
+
+
+def test_sigkill_of_the_driver_then_resume_reattaches_runs(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, "sigkill")
+    proc = start(tmp_path, sweep_cmd(tmp_path, spec))
+    wait_for_line(proc, "[2/")
+    time.sleep(2)  # let running trials checkpoint an epoch or two
+    orphans = descendants(proc.pid)  # local Ray's GCS, raylet and workers, which outlive a SIGKILLed driver
+    proc.kill()
+    proc.communicate(timeout=60)
+    kill_all(orphans)
+    _, kids = runs(tmp_path, "sigkill")
+    assert any(k.info.status == "RUNNING" for k in kids)  # what a SIGKILL leaves behind
+
+    resumed = subprocess.run(sweep_cmd(tmp_path, spec, "--resume"), cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_complete_record(tmp_path, "sigkill", planned=6, epochs=5)
+
+
+def test_sigterm_is_a_clean_stop_and_a_plain_rerun_is_a_new_sweep(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, "sigterm", epochs=3, samples=2)
+    rc, out, _ = interrupt_after_first_trials(tmp_path, spec, signal.SIGTERM)
+    assert rc == 130 and "--resume" in out
+    _, kids = runs(tmp_path, "sigterm")
+    assert all(k.info.status != "RUNNING" for k in kids)
+
+    again = subprocess.run(sweep_cmd(tmp_path, spec), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "did not finish; this starts a new sweep" in again.stdout and "--resume" in again.stdout
+    parents, _ = runs(tmp_path, "sigterm")
+    assert len(parents) == 2
+
+
+def test_a_killed_trial_process_is_retried_from_its_checkpoint(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, "retry", epochs=8, samples=1)
+    proc = start(tmp_path, sweep_cmd(tmp_path, spec))
+    victim = None
+    deadline = time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline:  # a trial that has reported (and checkpointed) 2 epochs
+        for result_file in (tmp_path / "ray_results").glob("retry-*/*/result.json"):
+            lines = result_file.read_text().splitlines()
+            if len(lines) >= 2:
+                victim = json.loads(lines[-1])
+                break
+        time.sleep(0.2)
+    assert victim is not None, "no trial reported two epochs"
+    os.kill(victim["pid"], signal.SIGKILL)  # the trial's Ray worker process
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err
+    kids = assert_complete_record(tmp_path, "retry", planned=2, epochs=8)
+    retried = [k for k in kids if k.data.tags.get("retries")]
+    assert len(retried) == 1 and retried[0].data.tags["retries"] == "1"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert any(a.path.startswith("error-attempt") for a in client.list_artifacts(retried[0].info.run_id))
+
+
+def test_divergence_is_a_result_and_a_failing_trial_ends_failed_with_its_error(tmp_path: Path) -> None:
+    # lr 10 with weight decay 1.0 overflows float32 within two epochs; subset 99999 is larger than the data.
+    spec = tmp_path / "mixed.yaml"
+    spec.write_text("""
+name: mixed
+experiment: reliability
+dataset: {name: synthetic, synthetic: {train_size: 256, test_size: 64, image_size: 16}}
+model: {name: baseline_cnn, width: 0.25}
+trainer: {epochs: 4, batch_size: 8, optimizer: sgd, momentum: 0.0, weight_decay: 1.0, schedule: none, threads: 1}
+grid:
+  lr: [10.0, 0.001]
+  dataset.subset: [200, 99999]
+max_concurrent: 2
+max_failures: 1
+""")
+    proc = subprocess.run(sweep_cmd(tmp_path, spec), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    parents, kids = runs(tmp_path, "mixed")
+    by_cell = {k.data.tags["resnet_lab.cell"]: k for k in kids}
+    assert len(kids) == 4
+    diverged = by_cell["baseline_cnn-w0.25-lr10-subset200"]
+    assert diverged.data.tags["resnet_lab.outcome"] == "diverged" and diverged.info.status == "FINISHED"
+    assert diverged.data.metrics["diverged"] == 1.0 and len(steps(tmp_path, diverged.info.run_id)) < 4
+    assert by_cell["baseline_cnn-w0.25-lr1.0e-03-subset200"].data.tags["resnet_lab.outcome"] == "completed"
+    for label in ("baseline_cnn-w0.25-lr10-subset99999", "baseline_cnn-w0.25-lr1.0e-03-subset99999"):
+        failed = by_cell[label]
+        assert failed.info.status == "FAILED" and failed.data.tags["resnet_lab.outcome"] == "failed"
+        assert "subset" in failed.data.tags["error"]
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert "error.txt" in [a.path for a in client.list_artifacts(failed.info.run_id)]
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["trials_failed"] == "2"
+    assert "2 failed" in proc.stdout and "1 diverged" in proc.stdout
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--tracking-uri", "http://127.0.0.1:9"], "MLflow tracking store http://127.0.0.1:9 is not usable"),
+    (["--tracking-uri", "sqlite:///{tmp}/afile/mlflow.db"], "MLflow tracking store sqlite:///"),
+    (["--storage", "{tmp}/afile/results"], "is not writable"),
+    (["--address", "127.0.0.2:1"], "cannot reach the Ray cluster at 127.0.0.2:1"),
+    (["--set", "resources.cpu=64"], "resources.cpu: 64 per worker, but the largest node has"),
+    (["--set", "dataset.name=cifar10", "--set", "dataset.download=false", "--set", "dataset.root={tmp}/nodata"],
+     "cifar10: not found in"),
+])
+def test_preflight_refuses_to_start_with_one_clear_message(tmp_path: Path, args: list[str], expected: str) -> None:
+    (tmp_path / "afile").write_text("a file where a directory is expected")
+    spec = write_spec(tmp_path, "preflight")
+    cmd = [sys.executable, str(ROOT / "sweep.py"), str(spec), *[a.replace("{tmp}", str(tmp_path)) for a in args]]
+    if "--tracking-uri" not in args:
+        cmd += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    if "--storage" not in args:
+        cmd += ["--storage", str(tmp_path / "ray_results")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "ray_results").glob("preflight-*/*/result.json"))  # no trial ran
