@@ -6,9 +6,11 @@ touches this package only.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +93,7 @@ class SweepRuns:
 
     def spec_text(self) -> str | None:
         """The resolved spec the sweep ran (`spec.yaml` artifact of the parent run), if it was logged."""
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
             try:
                 path = self._client.download_artifacts(self.parent.run_id, "spec.yaml", tmp)
             except (MlflowException, OSError):
@@ -105,6 +107,21 @@ class SweepRuns:
                 self._client.log_artifact(self.parent.run_id, str(path), artifact_path)
         except (MlflowException, OSError) as exc:
             raise TrackingError(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from exc
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """MLflow draws a tqdm bar on stderr for every download, even of one small file."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
 
 
 def _search(client: MlflowClient, experiment_id: str, filter_string: str,
