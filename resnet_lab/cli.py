@@ -161,6 +161,13 @@ def run(loaded: LoadedSpec, args: argparse.Namespace) -> int:
         console.info(f"continue with: {resume_cmd}")
         return EXIT_INTERRUPTED
     console.info(f"done in {outcome.wall_s:.0f} s: {outcome.trials} trials ({summary})")
+    try:
+        from resnet_lab.report import write_report
+
+        path = write_report(uri, loaded.spec.experiment_name, outcome.parent_run_id, loaded.spec)
+        console.info(f"report: {path} (regenerate with: python sweep.py report {args.spec} --tracking-uri {uri})")
+    except Exception as exc:  # the sweep's results are safe in MLflow; a report problem must not hide that
+        console.error(f"the sweep finished but its report failed: {type(exc).__name__}: {exc}")
     console.info(f"compare runs: python sweep.py ui {args.spec} --tracking-uri {uri}  (or: mlflow ui "
                  f"--backend-store-uri {uri} --host 127.0.0.1, then open "
                  f"http://127.0.0.1:5000/#/experiments/{outcome.experiment_id}/runs)")

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-
 from procs import descendants, kill_all
 
 ROOT = Path(__file__).resolve().parent.parent

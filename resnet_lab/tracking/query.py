@@ -167,6 +167,16 @@ def _parent(run: Any) -> ParentRun:
                      dict(run.data.params), tags, int(run.info.start_time or 0))
 
 
+def _client(uri: str) -> MlflowClient:
+    """A client for an existing store: reading must not leave an empty SQLite database behind."""
+    quiet_mlflow()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        if not path.exists():
+            raise SweepNotFound(f"no MLflow database at {path}; run the sweep first, or pass --tracking-uri")
+    return MlflowClient(uri)
+
+
 def _experiment(client: MlflowClient, name: str) -> Any:
     found = client.get_experiment_by_name(name)
     if found is None:
@@ -178,8 +188,7 @@ def _experiment(client: MlflowClient, name: str) -> Any:
 
 def list_sweeps(uri: str, experiment: str) -> list[ParentRun]:
     """Every sweep (parent run) of an experiment, newest first."""
-    quiet_mlflow()
-    client = MlflowClient(uri)
+    client = _client(uri)
     exp = _experiment(client, experiment)
     runs = _search(client, exp.experiment_id, f"tags.`{TAG_ROLE}` = 'sweep'", ["attributes.start_time DESC"])
     return [_parent(r) for r in runs]
@@ -188,8 +197,7 @@ def list_sweeps(uri: str, experiment: str) -> list[ParentRun]:
 def load_sweep(uri: str, experiment: str, sweep: str | None = None, spec_name: str | None = None) -> SweepRuns:
     """The sweep `sweep` (parent run id or name) of an experiment, with its child runs; by default the newest
     sweep, or the newest sweep of the spec named `spec_name` (sweeps are named `<spec name>-<timestamp>`)."""
-    quiet_mlflow()
-    client = MlflowClient(uri)
+    client = _client(uri)
     exp = _experiment(client, experiment)
     parents = _search(client, exp.experiment_id, f"tags.`{TAG_ROLE}` = 'sweep'", ["attributes.start_time DESC"])
     if sweep is not None:
@@ -210,8 +218,7 @@ def load_sweep(uri: str, experiment: str, sweep: str | None = None, spec_name: s
 
 def experiment_id(uri: str, experiment: str | None) -> tuple[str, str] | None:
     """(id, name) of an experiment; with no name, of the experiment holding the newest sweep. None if none."""
-    quiet_mlflow()
-    client = MlflowClient(uri)
+    client = _client(uri)
     if experiment is not None:
         found = client.get_experiment_by_name(experiment)
         return (found.experiment_id, found.name) if found else None
