@@ -164,8 +164,8 @@ def run(loaded: LoadedSpec, args: argparse.Namespace) -> int:
     try:
         from resnet_lab.report import write_report
 
-        path = write_report(uri, loaded.spec.experiment_name, outcome.parent_run_id, loaded.spec)
-        console.info(f"report: {path} (regenerate with: python sweep.py report {args.spec} --tracking-uri {uri})")
+        write_report(uri, loaded.spec.experiment_name, outcome.parent_run_id, loaded.spec)
+        console.info(f"regenerate the report with: python sweep.py report {args.spec} --tracking-uri {uri}")
     except Exception as exc:  # the sweep's results are safe in MLflow; a report problem must not hide that
         console.error(f"the sweep finished but its report failed: {type(exc).__name__}: {exc}")
     console.info(f"compare runs: python sweep.py ui {args.spec} --tracking-uri {uri}  (or: mlflow ui "
