@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,8 @@ class TrackingCallback(Callback):
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self.history: dict[str, list[dict[str, float]]] = {}
         self.outcomes: dict[str, str] = {}  # Tune trial id -> outcome, for the final summary
+        self.grads: dict[str, dict[str, float]] = {}  # Tune trial id -> latest per-layer gradient metrics
+        self._pool: ThreadPoolExecutor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config (callbacks included) into the experiment dir; MLflow clients and the rich
@@ -81,6 +84,7 @@ class TrackingCallback(Callback):
         state = dict(self.__dict__)
         tracker = state.pop("tracker")
         state.pop("view")
+        state["_pool"] = None
         state["_tracker_args"] = (tracker.uri, tracker.experiment_name, tracker.parent_id)
         return state
 
@@ -93,14 +97,16 @@ class TrackingCallback(Callback):
 
     # Tune checkpoints callback state with the experiment (driver restarts, --resume): histories survive.
     def get_state(self) -> dict[str, Any]:
-        return {"runs": self.runs, "history": self.history, "outcomes": self.outcomes}
+        return {"runs": self.runs, "history": self.history, "outcomes": self.outcomes, "grads": self.grads}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.runs, self.history, self.outcomes = state["runs"], state["history"], state["outcomes"]
+        self.grads = state.get("grads", {})
         if self.view is not None:
             self.view.resumed(len(self.outcomes))
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        self.drain()
         if self.view is not None:
             self.view.close()
 
@@ -127,7 +133,11 @@ class TrackingCallback(Callback):
         step = int(metrics.get("epoch", result.get("training_iteration", 0)))
         finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
         self.tracker.log_metrics(self._run_id(trial), finite, step)
-        self.history.setdefault(trial.trial_id, []).append(metrics)
+        # Curves keep scalars only; of the per-layer gradients only the latest epoch is kept (the figure's data),
+        # so the state Tune snapshots with every checkpoint stays small.
+        self.history.setdefault(trial.trial_id, []).append(
+            {k: v for k, v in metrics.items() if not k.startswith("grad/") or k == "grad/ratio_first_last"})
+        self.grads[trial.trial_id] = {k: v for k, v in metrics.items() if k.startswith("grad/")}
         if step == 1:
             nodes = {key: str(result[key]) for key in ("node_ip", "node_id") if result.get(key)}
             if nodes:
@@ -165,21 +175,38 @@ class TrackingCallback(Callback):
     def _finish(self, trial: Trial, outcome: str, status: str, tags: dict[str, str]) -> None:
         run_id = self._run_id(trial)
         self.tracker.set_tags(run_id, {TAG_OUTCOME: outcome, **tags})
-        history = self.history.get(trial.trial_id, [])
+        self.tracker.end_run(run_id, status)  # the status is recorded now; the figures follow in the background
+        history = self.history.pop(trial.trial_id, [])  # done: out of the state Tune snapshots
         if history:
-            try:
-                with tempfile.TemporaryDirectory() as tmp:
-                    name = run_name(trial.config)
-                    files = [plots.learning_curves(history, Path(tmp) / "learning_curves.png", name),
-                             plots.gradient_flow({name: history[-1]}, Path(tmp) / "gradient_flow.png", name)]
-                    self.tracker.log_artifacts(run_id, files)
-            except Exception:  # a failed plot must not lose the run's status
-                log.exception("could not plot trial %s", trial.trial_id)
-        self.tracker.end_run(run_id, status)
+            self._background().submit(self._plot_and_upload, run_id, run_name(trial.config), list(history),
+                                      self.grads.pop(trial.trial_id, {}))
         self.outcomes[trial.trial_id] = outcome
         if self.view is not None:
             detail = f"(ASHA at epoch {tags[TAG_RUNG]})" if TAG_RUNG in tags else ""
             self.view.trial_done(trial.trial_id, run_name(trial.config), outcome, detail)
+
+    def _background(self) -> ThreadPoolExecutor:
+        # Rendering two figures takes ~0.5 s: off Tune's event loop, one thread (pyplot is used by it alone).
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trial-figures")
+        return self._pool
+
+    def _plot_and_upload(self, run_id: str, name: str, history: list[dict[str, float]],
+                         grads: dict[str, float]) -> None:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                files = [plots.learning_curves(history, Path(tmp) / "learning_curves.png", name)]
+                if grads:
+                    files.append(plots.gradient_flow({name: grads}, Path(tmp) / "gradient_flow.png", name))
+                self.tracker.log_artifacts(run_id, files)
+        except Exception:  # a failed figure must not lose the run or stop the sweep
+            log.exception("could not plot trial run %s", run_id)
+
+    def drain(self) -> None:
+        """Wait for pending figure uploads (end of the experiment)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _error_text(trial: Trial) -> str:
