@@ -30,6 +30,7 @@ max_concurrent: 2
 
 
 @pytest.mark.slow
+@pytest.mark.stress
 def test_200_trials_all_land_with_every_epoch_metric(tmp_path: Path) -> None:
     spec = tmp_path / "stress.yaml"
     spec.write_text(SPEC)
