@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print_plan(loaded)
         return 0
-    return run(loaded, args)
+    return run(loaded, args, argv)
 
 
 def preflight_storage(path: str) -> str | None:
@@ -112,7 +112,7 @@ def preflight_storage(path: str) -> str | None:
     return None
 
 
-def run(loaded: LoadedSpec, args: argparse.Namespace) -> int:
+def run(loaded: LoadedSpec, args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Preflight (tracking store, storage, data, cluster), then start Ray and MLflow and run the sweep."""
     from resnet_lab.tracking import resolve_tracking_uri
 
@@ -128,7 +128,7 @@ def run(loaded: LoadedSpec, args: argparse.Namespace) -> int:
     if problem:
         console.error(f"{problem} (set `storage:` in the spec or --storage)")
         return EXIT_USAGE
-    tracker_problem = preflight_tracking(uri, loaded)
+    tracker_problem = preflight_tracking(uri, loaded, resuming=args.resume)
     if tracker_problem:
         console.error(tracker_problem)
         return EXIT_USAGE
@@ -142,8 +142,7 @@ def run(loaded: LoadedSpec, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     options = RunOptions(tracking_uri=uri, address=args.address, storage=args.storage,
                          max_concurrent=args.max_concurrent, ray_temp_dir=args.ray_temp_dir, resume=args.resume)
-    resume_cmd = " ".join(["python", "sweep.py", *sys.argv[1:]] if "--resume" in sys.argv else
-                          ["python", "sweep.py", *sys.argv[1:], "--resume"])
+    resume_cmd = " ".join(["python", "sweep.py", *argv, *([] if args.resume else ["--resume"])])
     verb = "resuming" if args.resume else "starting"
     console.info(f"{verb} sweep '{loaded.spec.name}': {len(loaded.cells)} cells; MLflow at {uri}")
     try:
@@ -174,7 +173,7 @@ def run(loaded: LoadedSpec, args: argparse.Namespace) -> int:
     return 0
 
 
-def preflight_tracking(uri: str, loaded: LoadedSpec) -> str | None:
+def preflight_tracking(uri: str, loaded: LoadedSpec, resuming: bool) -> str | None:
     """None when the MLflow store answers and accepts writes; else the reason. Also warns of an unfinished run."""
     from resnet_lab.tracking import SweepTracker
 
@@ -194,7 +193,7 @@ def preflight_tracking(uri: str, loaded: LoadedSpec) -> str | None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    if previous is not None and previous.info.status != "FINISHED" and "--resume" not in sys.argv:
+    if previous is not None and previous.info.status != "FINISHED" and not resuming:
         name = previous.data.tags.get("resnet_lab.sweep", previous.info.run_name)
         console.info(f"note: the previous run of this sweep ({name}) did not finish; this starts a new sweep. "
                      f"To continue that one instead: python sweep.py {loaded.source} --resume")
