@@ -18,8 +18,10 @@ def build_optimizer(model: nn.Module, tc: ResolvedTrainer, device: torch.device)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # Fused kernels exist for CUDA only; on CPU the default (foreach) implementation is the fast one.
-    fused = {"fused": True} if device.type == "cuda" else {}
+    # Fused kernels (one pass over all parameters) exist for CUDA and, since torch 2.4, for CPU. On CPU torch's
+    # default is the per-parameter for-loop: fused Adam steps 3.6x faster for resnet18 and 6.4x for baseline_cnn
+    # here (1 thread; benchmarks/README.md).
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     if tc.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov and tc.momentum > 0,
                                **fused)

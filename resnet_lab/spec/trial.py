@@ -120,7 +120,7 @@ class TrainerConfig(StrictModel):
     grad_clip: float | None = Field(None, gt=0.0, le=1e6)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU Ray (or CUDA_VISIBLE_DEVICES) gives us
     amp: bool = True  # bf16 autocast, CUDA only
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC memory format (CUDA and CPU: oneDNN runs NHWC without reorders)
     compile: bool = False  # torch.compile the model (compile time is reported separately)
     threads: int | None = Field(None, gt=0, le=1024)  # torch intra-op threads; None leaves torch's default
 
