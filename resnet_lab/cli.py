@@ -15,7 +15,7 @@ from pathlib import Path
 from resnet_lab import console
 from resnet_lab.spec.load import LoadedSpec, load_spec
 from resnet_lab.spec.loader import SpecError
-from resnet_lab.spec.sweep import AshaConfig, asha_rungs
+from resnet_lab.spec.sweep import AshaConfig, asha_rungs, configs_in, trials_in
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -47,9 +47,8 @@ def plan_lines(loaded: LoadedSpec) -> list[list[str]]:
     spec = loaded.spec
     rows = []
     for cell in loaded.cells:
-        configs = spec.samples_per_cell if cell.search else 1
+        configs, trials = configs_in(spec, cell), trials_in(spec, cell)
         confirm = len(spec.confirm.seeds) if spec.confirm else 0
-        trials = configs * len(spec.seeds) + confirm
         searched = ", ".join(f"{p.split('.')[-1]}~{d.type}" for p, d in cell.search.items()) or "-"
         rows.append([cell.label, searched, str(configs), str(len(spec.seeds)), str(confirm), str(trials),
                      str(trials * spec.trainer.epochs)])

@@ -347,6 +347,16 @@ def _clean(message: str) -> str:
     return message[:1].lower() + message[1:]
 
 
+def configs_in(spec: SweepSpec, cell: Cell) -> int:
+    """Configurations a cell runs: TPE's proposals, or one when nothing applies to it is searched."""
+    return spec.samples_per_cell if cell.search else 1
+
+
+def trials_in(spec: SweepSpec, cell: Cell) -> int:
+    """Trials a cell runs: each configuration once per seed, plus the confirm stage's seeds."""
+    return configs_in(spec, cell) * len(spec.seeds) + (len(spec.confirm.seeds) if spec.confirm else 0)
+
+
 def search_points(dist: Choice | Uniform | LogUniform | IntRange) -> list[Any]:
     """Values that bound a distribution: every choice, or low and high."""
     return list(dist.values) if isinstance(dist, Choice) else [dist.low, dist.high]

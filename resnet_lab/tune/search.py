@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 from ray.tune.search import Searcher
 
-from resnet_lab.spec.sweep import Cell, Choice, IntRange, LogUniform, SweepSpec, Uniform
+from resnet_lab.spec.sweep import Cell, Choice, IntRange, LogUniform, SweepSpec, Uniform, configs_in, trials_in
 
 FINAL_KEY = "test/acc"  # present only in a trial's last report when it trained to its natural end
 
@@ -71,7 +71,8 @@ class CellSearcher(Searcher):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self._confirm_seeds = list(spec.confirm.seeds) if spec.confirm else []
         self._seeds = list(spec.seeds)
-        self._samples = spec.samples_per_cell
+        self._configs = {c.label: configs_in(spec, c) for c in cells}
+        self._total = sum(trials_in(spec, c) for c in cells)
         self._direction = "maximize" if spec.resolved_mode == "max" else "minimize"
         self._cells = {c.label: CellState(c, self._new_study(c, seed)) for c in cells}
         self._order = [c.label for c in cells]
@@ -86,12 +87,10 @@ class CellSearcher(Searcher):
 
     def total_trials(self) -> int:
         """How many trials the sweep will run in all (search stage plus confirm stage)."""
-        per_cell = sum(self._configs_in(s) * len(self._seeds) + len(self._confirm_seeds)
-                       for s in self._cells.values())
-        return per_cell
+        return self._total
 
     def _configs_in(self, state: CellState) -> int:
-        return self._samples if state.cell.search else 1
+        return self._configs[state.cell.label]
 
     # -- proposing -----------------------------------------------------------------------------------------------
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
