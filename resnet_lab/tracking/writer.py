@@ -121,6 +121,10 @@ class SweepTracker:
         for chunk in _chunks(items, BATCH_LIMITS["metrics"]):
             self.client.log_batch(run_id, metrics=chunk)
 
+    def last_step(self, run_id: str) -> int:
+        """The highest epoch already recorded on a run (0 for none): MLflow's latest value of `epoch`."""
+        return int(self.client.get_run(run_id).data.metrics.get("epoch", 0))
+
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         """Tags in one request."""
         if tags:

@@ -76,6 +76,7 @@ class TrackingCallback(Callback):
         self.history: dict[str, list[dict[str, float]]] = {}
         self.outcomes: dict[str, str] = {}  # Tune trial id -> outcome, for the final summary
         self.grads: dict[str, dict[str, float]] = {}  # Tune trial id -> latest per-layer gradient metrics
+        self.logged: dict[str, int] = {}  # Tune trial id -> last epoch in MLflow (this process's knowledge)
         self._pool: ThreadPoolExecutor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -85,6 +86,7 @@ class TrackingCallback(Callback):
         tracker = state.pop("tracker")
         state.pop("view")
         state["_pool"] = None
+        state["logged"] = {}  # what MLflow holds is re-read from MLflow, never from a pickle
         state["_tracker_args"] = (tracker.uri, tracker.experiment_name, tracker.parent_id)
         return state
 
@@ -102,6 +104,7 @@ class TrackingCallback(Callback):
     def set_state(self, state: dict[str, Any]) -> None:
         self.runs, self.history, self.outcomes = state["runs"], state["history"], state["outcomes"]
         self.grads = state.get("grads", {})
+        self.logged = {}  # the snapshot may be older than MLflow's record: ask MLflow again
         if self.view is not None:
             self.view.resumed(len(self.outcomes))
 
@@ -131,17 +134,30 @@ class TrackingCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         metrics = our_metrics(result)
         step = int(metrics.get("epoch", result.get("training_iteration", 0)))
-        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        self.tracker.log_metrics(self._run_id(trial), finite, step)
+        run_id = self._run_id(trial)
+        # A restored trial continues from the checkpoint in Tune's last experiment snapshot, which can be older
+        # than what MLflow already holds (the driver was interrupted between the two). The repeated epochs
+        # are recorded once: the first record stands (on CPU the retrained epoch is bit-identical anyway).
+        if trial.trial_id not in self.logged:
+            self.logged[trial.trial_id] = self.tracker.last_step(run_id)
+        if step > self.logged[trial.trial_id]:
+            finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+            self.tracker.log_metrics(run_id, finite, step)
+            self.logged[trial.trial_id] = step
+        else:
+            log.info("trial %s repeated epoch %d from an older checkpoint; MLflow already has it", trial, step)
         # Curves keep scalars only; of the per-layer gradients only the latest epoch is kept (the figure's data),
-        # so the state Tune snapshots with every checkpoint stays small.
-        self.history.setdefault(trial.trial_id, []).append(
+        # so the state Tune snapshots with every checkpoint stays small. A repeated epoch replaces the old entries.
+        history = self.history.setdefault(trial.trial_id, [])
+        while history and history[-1].get("epoch", 0) >= step:
+            history.pop()
+        history.append(
             {k: v for k, v in metrics.items() if not k.startswith("grad/") or k == "grad/ratio_first_last"})
         self.grads[trial.trial_id] = {k: v for k, v in metrics.items() if k.startswith("grad/")}
         if step == 1:
             nodes = {key: str(result[key]) for key in ("node_ip", "node_id") if result.get(key)}
             if nodes:
-                self.tracker.set_tags(self._run_id(trial), nodes)
+                self.tracker.set_tags(run_id, nodes)
         if self.view is not None:
             self.view.trial_update(trial.trial_id, run_name(trial.config), trial.config["cell"], metrics)
 
