@@ -91,6 +91,16 @@ def test_every_epoch_is_logged_with_its_step(two_sweeps: dict) -> None:
             assert len(client.get_metric_history(kid.info.run_id, key)) == len(steps), key
 
 
+def test_tune_writes_json_and_csv_results_but_no_tensorboard_files(two_sweeps: dict) -> None:
+    storage = two_sweeps["tmp"] / "ray_results"
+    trial_dirs = [d for d in storage.glob("e2e-*/*") if d.is_dir() and (d / "params.json").exists()]
+    assert len(trial_dirs) == 12
+    for d in trial_dirs:
+        epochs = [line for line in (d / "result.json").read_text().splitlines() if line.strip()]
+        assert epochs and len((d / "progress.csv").read_text().splitlines()) == len(epochs) + 1  # header + rows
+    assert not list(storage.rglob("events.out.tfevents*"))  # the driver runs no TensorBoardX writer
+
+
 def test_asha_stops_trials_within_each_cell_and_every_cell_finishes_some(two_sweeps: dict) -> None:
     _, kids = children(two_sweeps["uri"], "e2e-")
     by_cell: dict[str, list] = defaultdict(list)

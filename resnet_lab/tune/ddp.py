@@ -13,7 +13,6 @@ from typing import Any
 
 from ray import tune
 
-from resnet_lab.checkpoint import TrainState
 from resnet_lab.spec import TrialConfig
 from resnet_lab.tune.trainable import trial_config
 
@@ -25,6 +24,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: the same `fit()`, reporting through ray.train."""
     import ray.train
 
+    from resnet_lab.checkpoint import TrainState  # torch: imported where training happens, not in the driver
     from resnet_lab.trainer import fit
 
     cfg: TrialConfig = trial_config(loop_config["base"], loop_config["config"], loop_config["cpus"])

@@ -10,7 +10,6 @@ from typing import Any
 import ray
 from ray import tune
 
-from resnet_lab.checkpoint import TrainState
 from resnet_lab.spec import DatasetConfig, TrialConfig
 from resnet_lab.spec.sweep import with_values
 
@@ -38,6 +37,8 @@ def _cached_data(dataset: DatasetConfig, device: str) -> Any:
 
 def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig]) -> None:
     """Run one trial; report every epoch with a checkpoint; continue from Tune's checkpoint when restored."""
+    # torch-bearing imports stay inside: the driver imports this module too and never needs torch.
+    from resnet_lab.checkpoint import TrainState
     from resnet_lab.trainer import fit, select_device
 
     resources = tune.get_context().get_trial_resources()
