@@ -15,7 +15,7 @@ from pathlib import Path
 from resnet_lab import console
 from resnet_lab.spec.load import LoadedSpec, load_spec
 from resnet_lab.spec.loader import SpecError
-from resnet_lab.spec.sweep import AshaConfig, asha_rungs, configs_in, trials_in
+from resnet_lab.spec.sweep import AshaConfig, asha_rungs, configs_in, startup_configs, trials_in
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -50,8 +50,9 @@ def plan_lines(loaded: LoadedSpec) -> list[list[str]]:
         configs, trials = configs_in(spec, cell), trials_in(spec, cell)
         confirm = len(spec.confirm.seeds) if spec.confirm else 0
         searched = ", ".join(f"{p.split('.')[-1]}~{d.type}" for p, d in cell.search.items()) or "-"
-        rows.append([cell.label, searched, str(configs), str(len(spec.seeds)), str(confirm), str(trials),
-                     str(trials * spec.trainer.epochs)])
+        random_first = str(startup_configs(spec, cell)) if cell.search else "-"
+        rows.append([cell.label, searched, str(configs), random_first, str(len(spec.seeds)), str(confirm),
+                     str(trials), str(trials * spec.trainer.epochs)])
     return rows
 
 
@@ -60,9 +61,10 @@ def print_plan(loaded: LoadedSpec) -> None:
     spec = loaded.spec
     rows = plan_lines(loaded)
     console.print_table(f"sweep '{spec.name}' ({loaded.source}, spec {loaded.spec_hash})",
-                        ["cell", "searched", "configs", "seeds", "confirm", "trials", "max epochs"], rows)
-    total_trials = sum(int(r[5]) for r in rows)
-    total_epochs = sum(int(r[6]) for r in rows)
+                        ["cell", "searched", "configs", "random first", "seeds", "confirm", "trials", "max epochs"],
+                        rows)
+    total_trials = sum(int(r[6]) for r in rows)
+    total_epochs = sum(int(r[7]) for r in rows)
     console.info(f"{len(rows)} cells, {total_trials} trials, at most {total_epochs} epochs "
                  f"({spec.trainer.epochs} per trial); metric {spec.metric} ({spec.resolved_mode})")
     if isinstance(spec.scheduler, AshaConfig):

@@ -146,6 +146,7 @@ class SweepSpec(StrictModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     search: dict[str, Distribution] = Field(default_factory=dict)
     samples_per_cell: int = Field(1, ge=1, le=10_000)
+    search_startup: int | None = Field(None, ge=1, le=10_000)  # random configs per cell before TPE; None: auto
     seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field([0], min_length=1, max_length=100)
     confirm: Confirm | None = None
     scheduler: Annotated[AshaConfig | NoScheduler, Field(discriminator="type")] = NoScheduler(type="none")
@@ -352,6 +353,18 @@ def configs_in(spec: SweepSpec, cell: Cell) -> int:
     return spec.samples_per_cell if cell.search else 1
 
 
+def startup_configs(spec: SweepSpec, cell: Cell) -> int:
+    """Configurations of a cell drawn at random before TPE models the results (`search_startup`, else auto).
+
+    Optuna's default is 10, made for studies of 100+ trials: a cell of 12 would never leave random search. Auto is
+    a third of the cell's configurations, at least 2 (TPE needs a better and a worse group) and at most 10.
+    """
+    configs = configs_in(spec, cell)
+    if spec.search_startup is not None:
+        return min(spec.search_startup, configs)
+    return min(configs, max(2, min(10, math.ceil(configs / 3))))
+
+
 def trials_in(spec: SweepSpec, cell: Cell) -> int:
     """Trials a cell runs: each configuration once per seed, plus the confirm stage's seeds."""
     return configs_in(spec, cell) * len(spec.seeds) + (len(spec.confirm.seeds) if spec.confirm else 0)
@@ -384,6 +397,9 @@ def check_cells(spec: SweepSpec, cells: list[Cell]) -> list[tuple[str, str]]:
         problems.append(("samples_per_cell", f"needs a `search` section: with nothing searched every sample of a "
                                              f"cell is the same configuration (got {spec.samples_per_cell}); "
                                              "use `seeds` to repeat runs"))
+    if spec.search_startup is not None and not spec.search:
+        problems.append(("search_startup", "needs a `search` section: it is how many searched configurations "
+                                           f"are drawn at random before TPE (got {spec.search_startup})"))
     if spec.confirm is not None and not spec.search:
         problems.append(("confirm", "needs a `search` section: it re-runs each cell's best searched configuration"))
     if isinstance(spec.scheduler, AshaConfig):

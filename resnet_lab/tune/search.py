@@ -17,7 +17,17 @@ from typing import Any
 import optuna
 from ray.tune.search import Searcher
 
-from resnet_lab.spec.sweep import Cell, Choice, IntRange, LogUniform, SweepSpec, Uniform, configs_in, trials_in
+from resnet_lab.spec.sweep import (
+    Cell,
+    Choice,
+    IntRange,
+    LogUniform,
+    SweepSpec,
+    Uniform,
+    configs_in,
+    startup_configs,
+    trials_in,
+)
 
 FINAL_KEY = "test/acc"  # present only in a trial's last report when it trained to its natural end
 
@@ -72,6 +82,7 @@ class CellSearcher(Searcher):
         self._confirm_seeds = list(spec.confirm.seeds) if spec.confirm else []
         self._seeds = list(spec.seeds)
         self._configs = {c.label: configs_in(spec, c) for c in cells}
+        self._startup = {c.label: startup_configs(spec, c) for c in cells}
         self._total = sum(trials_in(spec, c) for c in cells)
         self._direction = "maximize" if spec.resolved_mode == "max" else "minimize"
         self._cells = {c.label: CellState(c, self._new_study(c, seed)) for c in cells}
@@ -82,7 +93,8 @@ class CellSearcher(Searcher):
 
     def _new_study(self, cell: Cell, seed: int) -> optuna.Study:
         # constant_liar: concurrent TPE trials of one cell avoid proposing the same point (Optuna >= 2.8).
-        sampler = optuna.samplers.TPESampler(seed=study_seed(seed, cell.label), constant_liar=True)
+        sampler = optuna.samplers.TPESampler(seed=study_seed(seed, cell.label), constant_liar=True,
+                                             n_startup_trials=self._startup[cell.label])
         return optuna.create_study(direction=self._direction, sampler=sampler, study_name=cell.label)
 
     def total_trials(self) -> int:
