@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: sweep.py lives here
+if str(ROOT) not in sys.path:  # run from a checkout, installed or not
+    sys.path.insert(1, str(ROOT))
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -133,14 +133,16 @@ def run(loaded: LoadedSpec, args: argparse.Namespace, argv: Sequence[str]) -> in
     if tracker_problem:
         console.error(tracker_problem)
         return EXIT_USAGE
-    from resnet_lab.data import DatasetError, prepare_data
+    datasets = {cell.base.dataset for cell in loaded.cells if cell.base.dataset.has_files}
+    if datasets:  # resnet_lab.data imports torch (4 s of the driver's CPU): only when there are files to check
+        from resnet_lab.data import DatasetError, prepare_data
 
-    try:
-        for dataset in {cell.base.dataset for cell in loaded.cells}:
-            prepare_data(dataset)  # once, in the driver: trials never race to download, and offline fails here
-    except DatasetError as exc:
-        console.error(str(exc))
-        return EXIT_USAGE
+        try:
+            for dataset in datasets:
+                prepare_data(dataset)  # once, in the driver: trials never race to download, offline fails here
+        except DatasetError as exc:
+            console.error(str(exc))
+            return EXIT_USAGE
     options = RunOptions(tracking_uri=uri, address=args.address, storage=args.storage,
                          max_concurrent=args.max_concurrent, ray_temp_dir=args.ray_temp_dir, resume=args.resume)
     resume_cmd = " ".join(["python", "sweep.py", *argv, *([] if args.resume else ["--resume"])])

@@ -5,15 +5,19 @@ The end-to-end resume tests (test_reliability) hit the race below only sometimes
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from ray.tune.experiment import Trial
 
 from resnet_lab.spec.load import load_spec
 from resnet_lab.tracking import SweepTracker
 from resnet_lab.tune.callbacks import TrackingCallback
+from resnet_lab.tune.figures import FigureRenderer
 
 SPEC = """
 name: cb
@@ -51,7 +55,11 @@ def test_resume_from_a_snapshot_older_than_mlflow_records_each_epoch_once(tmp_pa
     first.on_trial_result(1, [trial], trial, result(1, 0.50))
     snapshot = first.get_state()  # Tune's last experiment snapshot: taken after epoch 1 ...
     snapshot = pickle.loads(pickle.dumps(snapshot))
-    first.on_trial_result(2, [trial], trial, result(2, 0.60))  # ... but MLflow also got epoch 2; then Ctrl-C
+    first.on_trial_result(2, [trial], trial, result(2, 0.60))  # ... but MLflow also got epoch 2
+    late = Trial("train_trial", config={"cell": cell, "stage": "search", "seed": 1, "trainer.lr": 0.002},
+                 trial_id="t0002", stub=True)
+    first.on_trial_start(0, [trial, late], late)  # a trial the snapshot does not know of; then Ctrl-C
+    first.on_trial_result(1, [trial, late], late, result(1, 0.40))
 
     # --resume: a new driver unpickles the callback, restores the old snapshot, and the trial re-runs epoch 2
     # from its epoch-1 checkpoint, then goes on.
@@ -60,6 +68,10 @@ def test_resume_from_a_snapshot_older_than_mlflow_records_each_epoch_once(tmp_pa
     second.on_trial_start(0, [trial], trial)
     for epoch, acc in [(2, 0.61), (3, 0.70), (4, 0.75)]:
         second.on_trial_result(epoch, [trial], trial, result(epoch, acc))
+    second.on_trial_start(0, [trial, late], late)
+    second.on_trial_result(1, [trial, late], late, result(1, 0.41))
+    second.on_trial_result(2, [trial, late], late, result(2, 0.45))
+    assert second.runs[late.trial_id] == first.runs[late.trial_id]  # found in MLflow and re-attached
     assert [h["epoch"] for h in second.history[trial.trial_id]] == [1, 2, 3, 4]  # the figure's curve: once each
     assert second.history[trial.trial_id][1]["val/acc"] == 0.61  # the curve follows the training that went on
 
@@ -69,6 +81,8 @@ def test_resume_from_a_snapshot_older_than_mlflow_records_each_epoch_once(tmp_pa
     history = client.get_metric_history(run_id, "val/acc")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     assert {m.step: m.value for m in history} == {1: 0.50, 2: 0.60, 3: 0.70, 4: 0.75}  # the first record stands
+    assert sorted(m.step for m in client.get_metric_history(second.runs[late.trial_id], "val/acc")) == [1, 2]
+    assert len(client.search_runs([tracker.experiment_id], "tags.resnet_lab.role = 'trial'")) == 2
     logged = client.get_run(run_id).data.metrics
     assert "time_total_s" not in logged and "pid" not in logged and "config/lr" not in logged
 
@@ -92,3 +106,28 @@ def test_a_trial_without_history_in_mlflow_logs_every_epoch(tmp_path: Path) -> N
     for trial in trials:
         steps = [m.step for m in client.get_metric_history(callback.runs[trial.trial_id], "train/loss")]
         assert sorted(steps) == [1, 2, 3]
+
+
+def test_figure_renderer_draws_pngs_in_a_low_priority_process_and_survives_its_death(tmp_path: Path) -> None:
+    history = [{"epoch": e, "train/loss": 1.0 / e, "val/loss": 1.1 / e, "train/acc": 0.1 * e, "val/acc": 0.09 * e}
+               for e in (1, 2, 3)]
+    grads = {"grad/000.stem.conv": 0.5, "grad/001.layer1.conv": 0.05, "grad/ratio_first_last": 10.0}
+    renderer = FigureRenderer()
+    try:
+        files = renderer.render(str(tmp_path), "trial-a", history, grads)
+        assert [Path(f).name for f in files] == ["learning_curves.png", "gradient_flow.png"]
+        for f in files:
+            with Image.open(f) as image:
+                assert image.format == "PNG" and image.width > 300
+        proc = renderer._proc
+        assert proc is not None and os.getpriority(os.PRIO_PROCESS, proc.pid) == 19
+        with pytest.raises(RuntimeError, match="KeyError"):  # a bad job is an error, and the renderer goes on
+            renderer.render(str(tmp_path / "x"), "trial-b", [{"no epoch": 1.0}], {})
+        proc.kill()
+        proc.wait()
+        (tmp_path / "again").mkdir()
+        files = renderer.render(str(tmp_path / "again"), "trial-c", history, {})  # a new renderer is started
+        assert [Path(f).name for f in files] == ["learning_curves.png"] and Path(files[0]).stat().st_size > 1000
+    finally:
+        renderer.close()
+    assert renderer._proc is None

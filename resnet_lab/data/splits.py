@@ -128,7 +128,7 @@ def read_raw(cfg: DatasetConfig) -> RawData:
 
 def prepare_data(cfg: DatasetConfig) -> None:
     """Fetch or unpack the dataset's files once, e.g. in a sweep's driver before trials start in parallel."""
-    if cfg.name == "synthetic":
+    if not cfg.has_files:
         return  # generated in each trial: no files to fetch, nothing to build in the driver
     read_raw(cfg)
 

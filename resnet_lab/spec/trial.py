@@ -53,6 +53,11 @@ class DatasetConfig(StrictModel):
     augment: bool | None = None  # None -> the dataset's default (crop+flip; crop only for digits)
     synthetic: SyntheticConfig = SyntheticConfig()
 
+    @property
+    def has_files(self) -> bool:
+        """Whether the dataset is read from files (to fetch or check before a sweep); synthetic is generated."""
+        return self.name != "synthetic"
+
     def root_path(self) -> Path:
         """The resolved, absolute data root."""
         return (Path(self.root).expanduser() if self.root else default_data_root()).absolute()

@@ -69,6 +69,7 @@ class SweepTracker:
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.parent_id: str | None = None
+        self.reopened = False  # the parent run was re-opened (--resume): trial runs may exist already
 
     def check_writable(self) -> None:
         """Write an experiment tag: fails now, not mid-sweep, when the store is read-only."""
@@ -79,7 +80,7 @@ class SweepTracker:
                     artifacts: Mapping[str, str], parent_id: str | None = None) -> str:
         """Create the sweep's parent run (or re-open `parent_id` when resuming); returns its id."""
         if parent_id is not None:
-            self.parent_id = parent_id
+            self.parent_id, self.reopened = parent_id, True
             self.client.update_run(parent_id, status="RUNNING")
             return parent_id
         run = self.client.create_run(self.experiment_id, run_name=name,
@@ -97,7 +98,7 @@ class SweepTracker:
         existing = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.{TAG_TRIAL_ID} = '{trial_id}' and tags.{MLFLOW_PARENT_RUN_ID} = '{self.parent_id}'",
-            max_results=1)
+            max_results=1) if self.reopened else []  # a parent created by this process has only our runs
         if existing:
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -114,12 +115,15 @@ class SweepTracker:
         for chunk in _chunks(items, BATCH_LIMITS["params"]):
             self.client.log_batch(run_id, params=chunk)
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        """One epoch's metrics in one request (chunked only past MLflow's 1000-metric limit)."""
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int,
+                    tags: Mapping[str, str] | None = None) -> None:
+        """One epoch's metrics (and any tags) in one request (chunked only past MLflow's 1000-metric limit)."""
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for chunk in _chunks(items, BATCH_LIMITS["metrics"]):
-            self.client.log_batch(run_id, metrics=chunk)
+        tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        chunks = list(_chunks(items, BATCH_LIMITS["metrics"] - len(tag_items))) or [[]]  # 1000 entities a request
+        for i, chunk in enumerate(chunks):
+            self.client.log_batch(run_id, metrics=chunk, tags=tag_items if i == 0 else [])
 
     def last_step(self, run_id: str) -> int:
         """The highest epoch already recorded on a run (0 for none): MLflow's latest value of `epoch`."""

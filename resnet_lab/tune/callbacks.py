@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
-import os
-import signal
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,7 @@ from resnet_lab.tracking import (
     TAG_STOPPED_BY,
     SweepTracker,
 )
+from resnet_lab.tune.figures import FigureRenderer
 from resnet_lab.tune.schedule import CellScheduler
 from resnet_lab.tune.trainable import META_KEYS, trial_config
 
@@ -80,7 +78,7 @@ class TrackingCallback(Callback):
         self.grads: dict[str, dict[str, float]] = {}  # Tune trial id -> latest per-layer gradient metrics
         self.logged: dict[str, int] = {}  # Tune trial id -> last epoch in MLflow (this process's knowledge)
         self._pool: ThreadPoolExecutor | None = None
-        self._renderer: ProcessPoolExecutor | None = None
+        self._renderer: FigureRenderer | None = None  # used by the upload thread only
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config (callbacks included) into the experiment dir; MLflow clients and the rich
@@ -97,7 +95,8 @@ class TrackingCallback(Callback):
         uri, experiment, parent_id = state.pop("_tracker_args")
         self.__dict__.update(state)
         self.tracker = SweepTracker(uri, experiment)
-        self.tracker.parent_id = parent_id
+        # Tune unpickles callbacks only to restore an experiment: the sweep's runs may exist already.
+        self.tracker.parent_id, self.tracker.reopened = parent_id, True
         self.view = LiveView(*self.view_args) if self.view_args else None
 
     # Tune checkpoints callback state with the experiment (driver restarts, --resume): histories survive.
@@ -129,6 +128,8 @@ class TrackingCallback(Callback):
             tags = {TAG_CELL: config["cell"], TAG_STAGE: config.get("stage", "search"), TAG_SEED: str(config["seed"])}
             self.runs[trial.trial_id] = self.tracker.start_trial(trial.trial_id, run_name(config),
                                                                  trial_params(cfg, config), tags)
+            if not self.tracker.reopened:
+                self.logged[trial.trial_id] = 0  # a new run of a new sweep: nothing recorded yet, no need to ask
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -145,7 +146,8 @@ class TrackingCallback(Callback):
             self.logged[trial.trial_id] = self.tracker.last_step(run_id)
         if step > self.logged[trial.trial_id]:
             finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-            self.tracker.log_metrics(run_id, finite, step)
+            nodes = {key: str(result[key]) for key in ("node_ip", "node_id") if step == 1 and result.get(key)}
+            self.tracker.log_metrics(run_id, finite, step, tags=nodes)  # one request per epoch
             self.logged[trial.trial_id] = step
         else:
             log.info("trial %s repeated epoch %d from an older checkpoint; MLflow already has it", trial, step)
@@ -157,10 +159,6 @@ class TrackingCallback(Callback):
         history.append(
             {k: v for k, v in metrics.items() if not k.startswith("grad/") or k == "grad/ratio_first_last"})
         self.grads[trial.trial_id] = {k: v for k, v in metrics.items() if k.startswith("grad/")}
-        if step == 1:
-            nodes = {key: str(result[key]) for key in ("node_ip", "node_id") if result.get(key)}
-            if nodes:
-                self.tracker.set_tags(run_id, nodes)
         if self.view is not None:
             self.view.trial_update(trial.trial_id, run_name(trial.config), trial.config["cell"], metrics)
 
@@ -210,20 +208,13 @@ class TrackingCallback(Callback):
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trial-figures")
         return self._pool
 
-    def _render_process(self) -> ProcessPoolExecutor:
-        # A trial's two PNGs cost ~0.8 s of CPU (matplotlib: layout and Agg drawing, profiled) plus 0.7 s to import
-        # it. On one machine the trials hold every core, so a driver thread would take that CPU from them (and hold
-        # the GIL Tune's loop needs). One spawned process at the lowest priority renders only on idle cores.
-        if self._renderer is None:
-            self._renderer = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_background_priority)
-        return self._renderer
-
     def _plot_and_upload(self, run_id: str, name: str, history: list[dict[str, float]],
                          grads: dict[str, float]) -> None:
         try:
+            if self._renderer is None:
+                self._renderer = FigureRenderer()
             with tempfile.TemporaryDirectory() as tmp:
-                files = self._render_process().submit(render_trial_figures, tmp, name, history, grads).result()
+                files = self._renderer.render(tmp, name, history, grads)
                 self.tracker.log_artifacts(run_id, [Path(f) for f in files])
         except Exception:  # a failed figure must not lose the run or stop the sweep
             log.exception("could not plot trial run %s", run_id)
@@ -234,26 +225,8 @@ class TrackingCallback(Callback):
             self._pool.shutdown(wait=True)
             self._pool = None
         if self._renderer is not None:
-            self._renderer.shutdown(wait=True)
+            self._renderer.close()
             self._renderer = None
-
-
-def _background_priority() -> None:
-    """Renderer process set-up: lowest CPU priority; Ctrl-C is the driver's to handle, not the renderer's."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(os, "nice"):
-        os.nice(19)
-
-
-def render_trial_figures(directory: str, name: str, history: list[dict[str, float]],
-                         grads: dict[str, float]) -> list[str]:
-    """A trial's learning curves and (when measured) gradient flow as PNGs in `directory`; their paths."""
-    from resnet_lab import plots  # matplotlib: only in the renderer process
-
-    files = [plots.learning_curves(history, Path(directory) / "learning_curves.png", name)]
-    if grads:
-        files.append(plots.gradient_flow({name: grads}, Path(directory) / "gradient_flow.png", name))
-    return [str(f) for f in files]
 
 
 def _error_text(trial: Trial) -> str:
