@@ -130,9 +130,9 @@ def test_runs_have_readable_names_and_comparable_params(two_sweeps: dict) -> Non
 
 def test_same_spec_and_seeds_propose_the_same_learning_rates(two_sweeps: dict) -> None:
     def lrs(name: str) -> dict[str, list[str]]:
-        """Each cell's proposals in the order the searcher made them (Tune numbers trials as it creates them)."""
+        """Each cell's proposals in the order the searcher made them (Tune starts trials in that order)."""
         _, kids = children(two_sweeps["uri"], name)
-        kids.sort(key=lambda k: int(k.data.tags["resnet_lab.trial_id"].rsplit("_", 1)[1]))
+        kids.sort(key=lambda k: k.info.start_time)
         out: dict[str, list[str]] = defaultdict(list)
         for kid in kids:
             out[kid.data.tags[TAG_CELL]].append(kid.data.params["lr"])

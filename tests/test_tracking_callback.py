@@ -58,13 +58,19 @@ def test_resume_from_a_snapshot_older_than_mlflow_records_each_epoch_once(tmp_pa
     first.on_trial_result(2, [trial], trial, result(2, 0.60))  # ... but MLflow also got epoch 2
     late = Trial("train_trial", config={"cell": cell, "stage": "search", "seed": 1, "trainer.lr": 0.002},
                  trial_id="t0002", stub=True)
-    first.on_trial_start(0, [trial, late], late)  # a trial the snapshot does not know of; then Ctrl-C
+    first.on_trial_start(0, [trial, late], late)  # pending at the snapshot, started after it
     first.on_trial_result(1, [trial, late], late, result(1, 0.40))
+    ghost = Trial("train_trial", config={"cell": cell, "stage": "search", "seed": 2, "trainer.lr": 0.003},
+                  trial_id="t0003", stub=True)
+    first.on_trial_start(0, [trial, late, ghost], ghost)  # created after the snapshot: Tune will not know it
+    ghost_run = first.runs[ghost.trial_id]
+    # SIGKILL here.
 
     # --resume: a new driver unpickles the callback, restores the old snapshot, and the trial re-runs epoch 2
     # from its epoch-1 checkpoint, then goes on.
     second = pickle.loads(pickled)
     second.set_state(snapshot)
+    second.on_step_begin(0, [trial, late])  # the trials Tune restored
     second.on_trial_start(0, [trial], trial)
     for epoch, acc in [(2, 0.61), (3, 0.70), (4, 0.75)]:
         second.on_trial_result(epoch, [trial], trial, result(epoch, acc))
@@ -83,6 +89,9 @@ def test_resume_from_a_snapshot_older_than_mlflow_records_each_epoch_once(tmp_pa
     assert {m.step: m.value for m in history} == {1: 0.50, 2: 0.60, 3: 0.70, 4: 0.75}  # the first record stands
     assert sorted(m.step for m in client.get_metric_history(second.runs[late.trial_id], "val/acc")) == [1, 2]
     assert len(client.search_runs([tracker.experiment_id], "tags.resnet_lab.role = 'trial'")) == 2
+    discarded = client.get_run(ghost_run)  # soft-deleted: out of searches and the UI, restorable, reason kept
+    assert discarded.info.lifecycle_stage == "deleted" and discarded.info.status == "KILLED"
+    assert "last state snapshot" in discarded.data.tags["resnet_lab.discarded"]
     logged = client.get_run(run_id).data.metrics
     assert "time_total_s" not in logged and "pid" not in logged and "config/lr" not in logged
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from resnet_lab.tracking.writer import (
     TAG_CELL,
+    TAG_DISCARDED,
     TAG_ERROR,
     TAG_OUTCOME,
     TAG_RETRIES,
@@ -21,6 +22,7 @@ from resnet_lab.tracking.writer import (
 )
 
 __all__ = [
-    "TAG_CELL", "TAG_ERROR", "TAG_OUTCOME", "TAG_RETRIES", "TAG_ROLE", "TAG_RUNG", "TAG_SEED", "TAG_SPEC_HASH",
-    "TAG_STAGE", "TAG_STOPPED_BY", "TAG_SWEEP", "TAG_TRIAL_ID", "SweepTracker", "quiet_mlflow", "resolve_tracking_uri",
+    "TAG_CELL", "TAG_DISCARDED", "TAG_ERROR", "TAG_OUTCOME", "TAG_RETRIES", "TAG_ROLE", "TAG_RUNG", "TAG_SEED",
+    "TAG_SPEC_HASH", "TAG_STAGE", "TAG_STOPPED_BY", "TAG_SWEEP", "TAG_TRIAL_ID", "SweepTracker", "quiet_mlflow",
+    "resolve_tracking_uri",
 ]

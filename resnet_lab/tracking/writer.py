@@ -30,6 +30,7 @@ TAG_STOPPED_BY = "stopped_by"
 TAG_RUNG = "stopped_at_epoch"
 TAG_ERROR = "error"
 TAG_RETRIES = "retries"  # how often the trial's process failed and was resumed from its checkpoint
+TAG_DISCARDED = "resnet_lab.discarded"  # why a run was soft-deleted (a trial the resumed sweep never knew of)
 BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}  # per log_batch request (MLflow's limits)
 
 
@@ -171,6 +172,13 @@ class SweepTracker:
             f"tags.{TAG_ROLE} = 'sweep' and tags.{TAG_SWEEP} LIKE '{spec_name}-%'"),
             order_by=["attributes.start_time DESC"], max_results=1)
         return found[0] if found else None
+
+    def discard(self, run_id: str, reason: str) -> None:
+        """Soft-delete a child run with the reason as a tag: hidden from searches and the UI, restorable with
+        `mlflow runs restore --run-id ...` (nothing is erased until `mlflow gc`)."""
+        self.client.set_tag(run_id, TAG_DISCARDED, reason)
+        self.client.set_terminated(run_id, status="KILLED")
+        self.client.delete_run(run_id)
 
     def children(self) -> list[mlflow.entities.Run]:
         """Every child run of the sweep."""

@@ -24,6 +24,7 @@ from resnet_lab.tracking import (
     TAG_SEED,
     TAG_STAGE,
     TAG_STOPPED_BY,
+    TAG_TRIAL_ID,
     SweepTracker,
 )
 from resnet_lab.tune.figures import FigureRenderer
@@ -78,6 +79,7 @@ class TrackingCallback(Callback):
         self.grads: dict[str, dict[str, float]] = {}  # Tune trial id -> latest per-layer gradient metrics
         self.logged: dict[str, int] = {}  # Tune trial id -> last epoch in MLflow (this process's knowledge)
         self._pool: ThreadPoolExecutor | None = None
+        self._restored = False  # set when Tune restores the experiment: orphan runs are looked for once
         self._renderer: FigureRenderer | None = None  # used by the upload thread only
 
     def __getstate__(self) -> dict[str, Any]:
@@ -107,8 +109,30 @@ class TrackingCallback(Callback):
         self.runs, self.history, self.outcomes = state["runs"], state["history"], state["outcomes"]
         self.grads = state.get("grads", {})
         self.logged = {}  # the snapshot may be older than MLflow's record: ask MLflow again
+        self._restored = True
         if self.view is not None:
             self.view.resumed(len(self.outcomes))
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        """After a restore, before any new trial: discard runs of trials the restored state does not hold.
+
+        A trial created after Tune's last snapshot and cut off by a hard kill (SIGKILL, power loss) has an MLflow
+        run, but the restored sweep never heard of it: its searcher proposes a trial in its place (the same
+        configuration during TPE's random start-up). The old run would be an extra child run of the sweep, so it is
+        soft-deleted (restorable), with the reason as a tag.
+        """
+        if not self._restored:
+            return
+        self._restored = False
+        known = {t.trial_id for t in trials}
+        for run in self.tracker.children():
+            trial_id = run.data.tags.get(TAG_TRIAL_ID)
+            if trial_id and trial_id not in known:
+                self.tracker.discard(run.info.run_id, f"trial {trial_id} started after the sweep's last state "
+                                                      "snapshot and was lost with the driver; the resumed sweep "
+                                                      "ran another trial in its place")
+                self.runs = {k: v for k, v in self.runs.items() if v != run.info.run_id}
+                log.info("discarded run %s of trial %s, unknown to the restored sweep", run.info.run_id, trial_id)
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.drain()
