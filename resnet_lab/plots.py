@@ -22,8 +22,13 @@ def grad_layers(metrics: Mapping[str, float]) -> list[tuple[str, float]]:
     return [(k[len(GRAD_PREFIX):].split(".", 1)[1], float(metrics[k])) for k in keys]
 
 
+# Fixed margins for the figures drawn per trial during a sweep: tight_layout is 55% of their CPU (profiled: 0.40 s
+# -> 0.18 s a figure), spent hundreds of times. The report's figures are drawn once and keep tight_layout.
+TRIAL_MARGINS = {"left": 0.07, "right": 0.98, "bottom": 0.13, "top": 0.87, "wspace": 0.22}
+
+
 def learning_curves(history: Sequence[Mapping[str, float]], path: Path, title: str = "") -> Path:
-    """Train/val loss and accuracy per epoch."""
+    """Train/val loss and accuracy per epoch (one trial's figure: fixed margins)."""
     epochs = [int(h["epoch"]) for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for split, style in (("train", "--"), ("val", "-")):
@@ -36,11 +41,15 @@ def learning_curves(history: Sequence[Mapping[str, float]], path: Path, title: s
         ax.legend()
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    fig.subplots_adjust(**TRIAL_MARGINS)
+    return _save(fig, path, tight=False)
 
 
-def gradient_flow(series: Mapping[str, Mapping[str, float]], path: Path, title: str = "") -> Path:
-    """Mean |grad| per weighted layer, input to output, log scale; one line per labelled run (skip on vs off)."""
+def gradient_flow(series: Mapping[str, Mapping[str, float]], path: Path, title: str = "",
+                  tight: bool = True) -> Path:
+    """Mean |grad| per weighted layer, input to output, log scale; one line per labelled run (skip on vs off).
+
+    `tight=False` (a trial's figure) uses fixed margins instead of tight_layout."""
     fig, ax = plt.subplots(figsize=(10, 4))
     for label, metrics in series.items():
         layers = grad_layers(metrics)
@@ -50,7 +59,9 @@ def gradient_flow(series: Mapping[str, Mapping[str, float]], path: Path, title: 
     ax.set(xlabel="weighted layer (input -> output)", ylabel="mean |gradient|", title=title or "gradient flow")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    return _save(fig, path)
+    if not tight:
+        fig.subplots_adjust(**{k: v for k, v in TRIAL_MARGINS.items() if k != "wspace"})
+    return _save(fig, path, tight=tight)
 
 
 class Band(NamedTuple):
@@ -152,9 +163,10 @@ def accuracy_vs_params(points: Mapping[str, Band], path: Path, *, dashed: Collec
     return _save(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: plt.Figure, path: Path, tight: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -28,7 +28,7 @@ def render_trial_figures(directory: str, name: str, history: list[dict[str, floa
 
     files = [plots.learning_curves(history, Path(directory) / "learning_curves.png", name)]
     if grads:
-        files.append(plots.gradient_flow({name: grads}, Path(directory) / "gradient_flow.png", name))
+        files.append(plots.gradient_flow({name: grads}, Path(directory) / "gradient_flow.png", name, tight=False))
     return [str(f) for f in files]
 
 
