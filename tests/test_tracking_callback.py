@@ -130,6 +130,7 @@ def test_figure_renderer_draws_pngs_in_a_low_priority_process_and_survives_its_d
                 assert image.format == "PNG" and image.width > 300
         proc = renderer._proc
         assert proc is not None and os.getpriority(os.PRIO_PROCESS, proc.pid) == 19
+        assert os.sched_getscheduler(proc.pid) == os.SCHED_IDLE  # below Ray's workers (nice 15), not beside them
         with pytest.raises(RuntimeError, match="KeyError"):  # a bad job is an error, and the renderer goes on
             renderer.render(str(tmp_path / "x"), "trial-b", [{"no epoch": 1.0}], {})
         proc.kill()
