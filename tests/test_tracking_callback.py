@@ -15,6 +15,7 @@ from PIL import Image
 from ray.tune.experiment import Trial
 
 from resnet_lab.spec.load import load_spec
+from resnet_lab.spec.sweep import Cell
 from resnet_lab.tracking import SweepTracker
 from resnet_lab.tune.callbacks import TrackingCallback
 from resnet_lab.tune.figures import FigureRenderer
@@ -37,15 +38,20 @@ def result(epoch: int, acc: float) -> dict:
             "training_iteration": epoch, "time_total_s": 1.0 * epoch, "pid": 1234, "config/lr": 0.001}
 
 
-def test_resume_from_a_snapshot_older_than_mlflow_records_each_epoch_once(tmp_path: Path) -> None:
+def new_sweep(tmp_path: Path) -> tuple[str, SweepTracker, dict[str, Cell]]:
+    """A sweep's parent run in a new SQLite store, and the spec's cells by label."""
     spec = tmp_path / "cb.yaml"
     spec.write_text(SPEC)
     loaded = load_spec(str(spec))
-    cells = {c.label: c for c in loaded.cells}
-    (cell,) = cells
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = SweepTracker(uri, "cb")
     tracker.start_sweep("cb-1", {}, {}, {})
+    return uri, tracker, {c.label: c for c in loaded.cells}
+
+
+def test_resume_from_a_snapshot_older_than_mlflow_records_each_epoch_once(tmp_path: Path) -> None:
+    uri, tracker, cells = new_sweep(tmp_path)
+    (cell,) = cells
     trial = Trial("train_trial", config={"cell": cell, "stage": "search", "seed": 0, "trainer.lr": 0.001},
                   trial_id="t0001", stub=True)
 
@@ -97,14 +103,8 @@ def test_resume_from_a_snapshot_older_than_mlflow_records_each_epoch_once(tmp_pa
 
 
 def test_a_trial_without_history_in_mlflow_logs_every_epoch(tmp_path: Path) -> None:
-    spec = tmp_path / "cb.yaml"
-    spec.write_text(SPEC)
-    loaded = load_spec(str(spec))
-    cells = {c.label: c for c in loaded.cells}
+    uri, tracker, cells = new_sweep(tmp_path)
     (cell,) = cells
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = SweepTracker(uri, "cb")
-    tracker.start_sweep("cb-1", {}, {}, {})
     callback = TrackingCallback(tracker, cells, None)
     trials = [Trial("train_trial", config={"cell": cell, "stage": "search", "seed": s, "trainer.lr": 0.001},
                     trial_id=f"t{s}", stub=True) for s in range(2)]
