@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from ray.tune import Checkpoint
 from ray.tune.experiment import Trial
 
 from resnet_lab.spec.load import load_spec
 from resnet_lab.spec.sweep import Cell
 from resnet_lab.tracking import SweepTracker
 from resnet_lab.tune.callbacks import TrackingCallback
+from resnet_lab.tune.checkpoints import CheckpointPruner
 from resnet_lab.tune.figures import FigureRenderer
 
 SPEC = """
@@ -141,3 +144,28 @@ def test_figure_renderer_draws_pngs_in_a_low_priority_process_and_survives_its_d
     finally:
         renderer.close()
     assert renderer._proc is None
+
+
+def test_checkpoint_pruner_deletes_only_what_a_snapshot_taken_long_enough_ago_has_moved_past(tmp_path: Path) -> None:
+    def checkpoint(i: int) -> Checkpoint:
+        path = tmp_path / "trial" / f"checkpoint_{i:06d}"
+        path.mkdir(parents=True)
+        (path / "state.pt").write_bytes(b"x" * 100)
+        return Checkpoint.from_directory(str(path))
+
+    trial = Trial("train_trial", config={}, trial_id="t0001", stub=True)
+    pruner = pickle.loads(pickle.dumps(CheckpointPruner(safe_after_s=0.3)))  # as Tune hands it back
+    c1, c2, c3 = checkpoint(1), checkpoint(2), checkpoint(3)
+    pruner.on_checkpoint(1, [trial], trial, c1)
+    pruner.on_checkpoint(2, [trial], trial, c2)
+    assert pruner.deleted == 0  # no snapshot yet: the saved state may still point at c1
+    assert pruner.get_state() is None  # a snapshot starts: it points at c2, so c1 is superseded from now on
+    pruner.on_checkpoint(3, [trial], trial, c3)
+    assert Path(c1.path).exists()  # too soon: that snapshot may not have reached storage
+    time.sleep(0.35)
+    pruner.get_state()  # c1 goes; c2 is superseded from now on
+    assert not Path(c1.path).exists() and Path(c2.path).exists() and Path(c3.path).exists()
+    time.sleep(0.35)
+    pruner.prune()
+    assert not Path(c2.path).exists() and Path(c3.path).exists()  # the newest always stays
+    assert pruner.deleted == 2

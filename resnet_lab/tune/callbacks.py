@@ -176,7 +176,7 @@ class TrackingCallback(Callback):
         else:
             log.info("trial %s repeated epoch %d from an older checkpoint; MLflow already has it", trial, step)
         # Curves keep scalars only; of the per-layer gradients only the latest epoch is kept (the figure's data),
-        # so the state Tune snapshots with every checkpoint stays small. A repeated epoch replaces the old entries.
+        # so the state in Tune's experiment snapshots stays small. A repeated epoch replaces the old entries.
         history = self.history.setdefault(trial.trial_id, [])
         while history and history[-1].get("epoch", 0) >= step:
             history.pop()

@@ -25,6 +25,7 @@ from resnet_lab.spec.load import LoadedSpec
 from resnet_lab.spec.sweep import AshaConfig
 from resnet_lab.tracking import TAG_OUTCOME, TAG_SPEC_HASH, SweepTracker
 from resnet_lab.tune.callbacks import TrackingCallback
+from resnet_lab.tune.checkpoints import CheckpointPruner
 from resnet_lab.tune.ddp import DRIVER_RESOURCES, train_trial_ddp
 from resnet_lab.tune.schedule import CellScheduler
 from resnet_lab.tune.search import CellSearcher
@@ -90,8 +91,6 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 def init_ray(address: str | None, temp_dir: str | None) -> None:
     """Connect to a cluster or start local Ray, with Ray's log noise kept out of the user's way."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # One snapshot per checkpoint is what we want (resume loses nothing); Ray warns about it every few seconds.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune's automatic loggers include TensorBoardX: an import and an event-writer thread in the driver (~6% of its
     # CPU, profiled) for files nobody reads here (MLflow is the record). JSON and CSV are passed explicitly.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -238,8 +237,9 @@ def run_sweep(loaded: LoadedSpec, options: RunOptions) -> SweepOutcome:
                 trial_name_creator=lambda trial: f"{trial.config['cell']}-{trial.trial_id}"),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, verbose=0,
-                callbacks=[callback, JsonLoggerCallback(), CSVLoggerCallback()],  # result.json, progress.csv
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[callback, CheckpointPruner(), JsonLoggerCallback(), CSVLoggerCallback()],
+                # Tune keeps every checkpoint; CheckpointPruner deletes them once no saved state points at them.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
         )
     return _fit(tuner, tracker, name, total, start, os.path.join(storage, name))
