@@ -7,6 +7,7 @@ from resnet_lab.tracking.writer import (
     TAG_DISCARDED,
     TAG_ERROR,
     TAG_OUTCOME,
+    TAG_RESUMED_FROM,
     TAG_RETRIES,
     TAG_ROLE,
     TAG_RUNG,
@@ -22,7 +23,7 @@ from resnet_lab.tracking.writer import (
 )
 
 __all__ = [
-    "TAG_CELL", "TAG_DISCARDED", "TAG_ERROR", "TAG_OUTCOME", "TAG_RETRIES", "TAG_ROLE", "TAG_RUNG", "TAG_SEED",
-    "TAG_SPEC_HASH", "TAG_STAGE", "TAG_STOPPED_BY", "TAG_SWEEP", "TAG_TRIAL_ID", "SweepTracker", "quiet_mlflow",
-    "resolve_tracking_uri",
+    "TAG_CELL", "TAG_DISCARDED", "TAG_ERROR", "TAG_OUTCOME", "TAG_RESUMED_FROM", "TAG_RETRIES", "TAG_ROLE",
+    "TAG_RUNG", "TAG_SEED", "TAG_SPEC_HASH", "TAG_STAGE", "TAG_STOPPED_BY", "TAG_SWEEP", "TAG_TRIAL_ID",
+    "SweepTracker", "quiet_mlflow", "resolve_tracking_uri",
 ]

@@ -30,6 +30,7 @@ TAG_STOPPED_BY = "stopped_by"
 TAG_RUNG = "stopped_at_epoch"
 TAG_ERROR = "error"
 TAG_RETRIES = "retries"  # how often the trial's process failed and was resumed from its checkpoint
+TAG_RESUMED_FROM = "resumed_from_epoch"  # the checkpoint epoch the trial's latest process continued from
 TAG_DISCARDED = "resnet_lab.discarded"  # why a run was soft-deleted (a trial the resumed sweep never knew of)
 BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}  # per log_batch request (MLflow's limits)
 

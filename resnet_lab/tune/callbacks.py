@@ -19,6 +19,7 @@ from resnet_lab.tracking import (
     TAG_CELL,
     TAG_ERROR,
     TAG_OUTCOME,
+    TAG_RESUMED_FROM,
     TAG_RETRIES,
     TAG_RUNG,
     TAG_SEED,
@@ -78,6 +79,7 @@ class TrackingCallback(Callback):
         self.outcomes: dict[str, str] = {}  # Tune trial id -> outcome, for the final summary
         self.grads: dict[str, dict[str, float]] = {}  # Tune trial id -> latest per-layer gradient metrics
         self.logged: dict[str, int] = {}  # Tune trial id -> last epoch in MLflow (this process's knowledge)
+        self._resumed: dict[str, Any] = {}  # Tune trial id -> the checkpoint epoch its process resumed from
         self._pool: ThreadPoolExecutor | None = None
         self._restored = False  # set when Tune restores the experiment: orphan runs are looked for once
         self._renderer: FigureRenderer | None = None  # used by the upload thread only
@@ -175,6 +177,10 @@ class TrackingCallback(Callback):
             self.logged[trial.trial_id] = step
         else:
             log.info("trial %s repeated epoch %d from an older checkpoint; MLflow already has it", trial, step)
+        resumed = result.get(TAG_RESUMED_FROM)
+        if resumed is not None and self._resumed.get(trial.trial_id) != resumed:  # a retry or --resume: say where from
+            self._resumed[trial.trial_id] = resumed
+            self.tracker.set_tags(run_id, {TAG_RESUMED_FROM: str(int(resumed))})
         # Curves keep scalars only; of the per-layer gradients only the latest epoch is kept (the figure's data),
         # so the state in Tune's experiment snapshots stays small. A repeated epoch replaces the old entries.
         history = self.history.setdefault(trial.trial_id, [])

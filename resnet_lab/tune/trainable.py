@@ -54,6 +54,8 @@ def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig]) -> None:
 
     def report(epoch: Any) -> None:
         metrics = {**epoch.metrics, "node_id": node_id}
+        if resume is not None:  # this process continued from a checkpoint: the record says from which epoch
+            metrics["resumed_from_epoch"] = resume.epoch
         with tempfile.TemporaryDirectory() as directory:
             epoch.state().save(directory)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
