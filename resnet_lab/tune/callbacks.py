@@ -30,7 +30,7 @@ from resnet_lab.tracking import (
 )
 from resnet_lab.tune.figures import FigureRenderer
 from resnet_lab.tune.schedule import CellScheduler
-from resnet_lab.tune.trainable import META_KEYS, trial_config
+from resnet_lab.tune.trainable import META_KEYS, RESUMED_KEY, trial_config
 
 log = logging.getLogger(__name__)
 TRAINER_SCALARS = ("epoch", "workers", "lr", "epoch_time_s", "throughput_img_s", "params", "best_epoch", "diverged")
@@ -177,7 +177,7 @@ class TrackingCallback(Callback):
             self.logged[trial.trial_id] = step
         else:
             log.info("trial %s repeated epoch %d from an older checkpoint; MLflow already has it", trial, step)
-        resumed = result.get(TAG_RESUMED_FROM)
+        resumed = result.get(RESUMED_KEY)
         if resumed is not None and self._resumed.get(trial.trial_id) != resumed:  # a retry or --resume: say where from
             self._resumed[trial.trial_id] = resumed
             self.tracker.set_tags(run_id, {TAG_RESUMED_FROM: str(int(resumed))})

@@ -15,6 +15,8 @@ from resnet_lab.spec.sweep import with_values
 
 # Keys the searcher adds to a trial's config besides searched values.
 META_KEYS = ("cell", "stage", "seed")
+# Result key of a trial process that continued from a checkpoint: the checkpoint's epoch (the callback tags the run).
+RESUMED_KEY = "resumed_from_epoch"
 
 
 def trial_config(base: TrialConfig, config: dict[str, Any], cpus: float | None = None) -> TrialConfig:
@@ -55,7 +57,7 @@ def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig]) -> None:
     def report(epoch: Any) -> None:
         metrics = {**epoch.metrics, "node_id": node_id}
         if resume is not None:  # this process continued from a checkpoint: the record says from which epoch
-            metrics["resumed_from_epoch"] = resume.epoch
+            metrics[RESUMED_KEY] = resume.epoch
         with tempfile.TemporaryDirectory() as directory:
             epoch.state().save(directory)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
