@@ -11,6 +11,9 @@ thread, alone, before and after the sweeps (median). Figures:
 - per-trial overhead s: (concurrency x span - N x C) / N: what each trial costs beyond its known cost, in
   trial-slot seconds (worker start, data load, model build, checkpoint, reporting, scheduling gaps, and CPU taken
   from the trials by the driver); start-up and shutdown (wall - span) are counted apart;
+- worker start s: what the first trial of each slot waited before its first epoch (a new Ray worker process:
+  importing torch, whose first optimizer imports torch._dynamo); paid once per worker, so the per-trial overhead
+  is also shown without it (the cost of one more trial);
 - ratio: wall time over the bare Tuner's (default settings, a new worker process per trial), and over a bare
   Tuner with `reuse_actors=True` (full runs only; --quick runs ours and the default bare Tuner).
 
@@ -70,8 +73,12 @@ def summarize(name: str, wall: float, storage: Path, trials: int, cost: float) -
     starts = [trial[0]["timestamp"] - trial[0]["time_this_iter_s"] for trial in results]
     ends = [trial[-1]["timestamp"] for trial in results]
     span = max(ends) - min(starts)
-    return {"name": name, "wall": wall, "span": span, "work": work, "trials": trials,
-            "per_trial": (CONCURRENCY * span - trials * cost) / trials, "epochs": sum(len(t) for t in results)}
+    first = sorted(results, key=lambda t: t[0]["timestamp"] - t[0]["time_this_iter_s"])[:CONCURRENCY]
+    cold = [t[0]["time_this_iter_s"] - t[0].get("epoch_time_s", 0.0) for t in first]  # one per slot
+    per_trial = (CONCURRENCY * span - trials * cost) / trials
+    return {"name": name, "wall": wall, "span": span, "work": work, "trials": trials, "per_trial": per_trial,
+            "cold": sum(cold) / len(cold), "per_trial_warm": per_trial - sum(cold) / trials,
+            "epochs": sum(len(t) for t in results)}
 
 
 def known_cost(spec: Path, repeats: int) -> list[float]:
@@ -152,12 +159,13 @@ def main() -> int:
     rows = []
     for s in stats.values():
         rows.append([s["name"], f"{s['wall']:.1f}", f"{s['wall'] - s['span']:.0f}", f"{s['span']:.0f}",
-                     f"{s['work']:.1f}", f"{s['per_trial']:.2f}", f"{s['wall'] / raw['wall']:.2f}",
+                     f"{s['work']:.1f}", f"{s['per_trial']:.2f}", f"{s['cold']:.1f}", f"{s['per_trial_warm']:.2f}",
+                     f"{s['wall'] / raw['wall']:.2f}",
                      f"{s['wall'] / raw_reuse['wall']:.2f}" if raw_reuse else "-"])
     show(f"sweep_overhead: {trials} trials x {args.epochs} epochs, {CONCURRENCY} concurrent, known cost "
          f"N x C = {trials * cost:.1f} s (goal: ratio <= 1.2 vs the bare Tuner, per-trial overhead <= 1 s)",
          ["path", "wall s", "start-up + shutdown s", "span s", "reported work s", "per-trial overhead s",
-          "ratio vs bare", "ratio vs bare+reuse"], rows)
+          "worker start s", "per trial without it s", "ratio vs bare", "ratio vs bare+reuse"], rows)
     versus = raw_reuse or raw
     extra = (ours["span"] - versus["span"]) * CONCURRENCY / trials
     print(f"ours' per-trial overhead {ours['per_trial']:.2f} s (goal <= 1 s): "

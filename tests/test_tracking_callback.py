@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from resnet_lab.spec.sweep import Cell
 from resnet_lab.tracking import SweepTracker
 from resnet_lab.tune.callbacks import TrackingCallback
 from resnet_lab.tune.checkpoints import CheckpointPruner
-from resnet_lab.tune.figures import FigureRenderer
+from resnet_lab.tune import figures
+from resnet_lab.tune.figures import FigureRenderer, wait_for_spare_cpu
 
 SPEC = """
 name: cb
@@ -144,6 +146,39 @@ def test_figure_renderer_draws_pngs_in_a_low_priority_process_and_survives_its_d
     finally:
         renderer.close()
     assert renderer._proc is None
+
+
+def test_waiting_for_a_spare_core_ends_when_one_is_idle_or_when_told_to_stop() -> None:
+    stop = threading.Event()
+    start = time.perf_counter()
+    wait_for_spare_cpu(stop, poll_s=0.2, cores=0.0)  # any machine has >= 0 idle cores: one poll
+    assert time.perf_counter() - start < 2
+    start = time.perf_counter()
+    threading.Timer(1.0, stop.set).start()
+    wait_for_spare_cpu(stop, poll_s=0.2, cores=(os.cpu_count() or 1) + 1)  # more than the machine has: until stop
+    assert 0.9 < time.perf_counter() - start < 5
+
+
+def test_trial_figures_wait_for_a_spare_core_and_are_all_drawn_when_the_sweep_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(figures, "SPARE_CORES", 1e6)  # a machine whose cores are always busy with trials
+    uri, tracker, cells = new_sweep(tmp_path)
+    (cell,) = cells
+    callback = TrackingCallback(tracker, cells, None)
+    trials = [Trial("train_trial", config={"cell": cell, "stage": "search", "seed": s, "trainer.lr": 0.001},
+                    trial_id=f"t{s}", stub=True) for s in range(3)]
+    for trial in trials:
+        for epoch in (1, 2, 3, 4):
+            callback.on_trial_result(epoch, trials, trial, {**result(epoch, 0.1 * epoch), "test/acc": 0.3})
+        callback.on_trial_complete(4, trials, trial)
+    client = MlflowClient(uri)
+    run_ids = [callback.runs[t.trial_id] for t in trials]
+    time.sleep(1.5)
+    assert all(client.get_run(r).info.status == "FINISHED" for r in run_ids)  # the record does not wait
+    assert [client.list_artifacts(r) for r in run_ids] == [[], [], []]  # the figures do
+    callback.on_experiment_end(trials)
+    for r in run_ids:
+        assert sorted(a.path for a in client.list_artifacts(r)) == ["gradient_flow.png", "learning_curves.png"]
 
 
 def test_checkpoint_pruner_deletes_only_what_a_snapshot_taken_long_enough_ago_has_moved_past(tmp_path: Path) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import queue
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from resnet_lab.tracking import (
     TAG_TRIAL_ID,
     SweepTracker,
 )
-from resnet_lab.tune.figures import FigureRenderer
+from resnet_lab.tune.figures import FigureRenderer, wait_for_spare_cpu
 from resnet_lab.tune.schedule import CellScheduler
 from resnet_lab.tune.trainable import META_KEYS, RESUMED_KEY, trial_config
 
@@ -80,9 +82,10 @@ class TrackingCallback(Callback):
         self.grads: dict[str, dict[str, float]] = {}  # Tune trial id -> latest per-layer gradient metrics
         self.logged: dict[str, int] = {}  # Tune trial id -> last epoch in MLflow (this process's knowledge)
         self._resumed: dict[str, Any] = {}  # Tune trial id -> the checkpoint epoch its process resumed from
-        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: queue.Queue[tuple[Any, ...] | None] | None = None  # figure jobs for the figures thread
+        self._threads: list[threading.Thread] = []  # each draws with its own renderer process
         self._restored = False  # set when Tune restores the experiment: orphan runs are looked for once
-        self._renderer: FigureRenderer | None = None  # used by the upload thread only
+        self._ending = threading.Event()  # set when the sweep ends: figures stop waiting for a spare core
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config (callbacks included) into the experiment dir; MLflow clients and the rich
@@ -90,7 +93,8 @@ class TrackingCallback(Callback):
         state = dict(self.__dict__)
         tracker = state.pop("tracker")
         state.pop("view")
-        state["_pool"] = state["_renderer"] = None
+        state["_jobs"], state["_threads"] = None, []
+        state.pop("_ending")
         state["logged"] = {}  # what MLflow holds is re-read from MLflow, never from a pickle
         state["_tracker_args"] = (tracker.uri, tracker.experiment_name, tracker.parent_id)
         return state
@@ -98,6 +102,7 @@ class TrackingCallback(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         uri, experiment, parent_id = state.pop("_tracker_args")
         self.__dict__.update(state)
+        self._ending = threading.Event()
         self.tracker = SweepTracker(uri, experiment)
         # Tune unpickles callbacks only to restore an experiment: the sweep's runs may exist already.
         self.tracker.parent_id, self.tracker.reopened = parent_id, True
@@ -225,38 +230,60 @@ class TrackingCallback(Callback):
         self.tracker.end_run(run_id, status)  # the status is recorded now; the figures follow in the background
         history = self.history.pop(trial.trial_id, [])  # done: out of the state Tune snapshots
         if history:
-            self._background().submit(self._plot_and_upload, run_id, run_name(trial.config), list(history),
-                                      self.grads.pop(trial.trial_id, {}))
+            self._background().put((run_id, run_name(trial.config), list(history),
+                                    self.grads.pop(trial.trial_id, {})))
         self.outcomes[trial.trial_id] = outcome
         if self.view is not None:
             detail = f"(ASHA at epoch {tags[TAG_RUNG]})" if TAG_RUNG in tags else ""
             self.view.trial_done(trial.trial_id, run_name(trial.config), outcome, detail)
 
-    def _background(self) -> ThreadPoolExecutor:
-        # Off Tune's event loop: one thread waits for the renderer and uploads, in order.
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trial-figures")
-        return self._pool
+    def _background(self) -> queue.Queue[tuple[Any, ...] | None]:
+        # Off Tune's event loop: one thread draws and uploads, in order. Daemon threads, so an aborted driver (a
+        # second Ctrl-C skips Tune's clean-up and so drain()) never waits at exit for a spare core.
+        if self._jobs is None:
+            self._jobs = queue.Queue()
+            self._threads = [self._start_figure_thread(self._jobs)]
+        return self._jobs
 
-    def _plot_and_upload(self, run_id: str, name: str, history: list[dict[str, float]],
+    def _start_figure_thread(self, jobs: queue.Queue[tuple[Any, ...] | None]) -> threading.Thread:
+        thread = threading.Thread(target=self._figure_worker, args=(jobs,), name="trial-figures", daemon=True)
+        thread.start()
+        return thread
+
+    def _figure_worker(self, jobs: queue.Queue[tuple[Any, ...] | None]) -> None:
+        """Draw queued jobs with this thread's own renderer process until a None arrives."""
+        renderer = FigureRenderer()
+        try:
+            while (job := jobs.get()) is not None:
+                self._plot_and_upload(renderer, *job)
+        finally:
+            renderer.close()
+
+    def _plot_and_upload(self, renderer: FigureRenderer, run_id: str, name: str, history: list[dict[str, float]],
                          grads: dict[str, float]) -> None:
         try:
-            if self._renderer is None:
-                self._renderer = FigureRenderer()
+            # The trials come first: a figure waits until this machine has a spare core (or the sweep ended).
+            wait_for_spare_cpu(self._ending)
             with tempfile.TemporaryDirectory() as tmp:
-                files = self._renderer.render(tmp, name, history, grads)
+                files = renderer.render(tmp, name, history, grads)
                 self.tracker.log_artifacts(run_id, [Path(f) for f in files])
         except Exception:  # a failed figure must not lose the run or stop the sweep
             log.exception("could not plot trial run %s", run_id)
 
     def drain(self) -> None:
-        """Wait for pending figure uploads (end of the experiment), then stop the renderer."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        """Draw and upload the pending figures now (end of the experiment), on every core, then stop the renderers."""
+        self._ending.set()
+        jobs = self._jobs
+        if jobs is None:
+            return
+        # The trials are over: the figures still queued (they waited for a spare core) are drawn in parallel.
+        extra = min(jobs.qsize(), os.cpu_count() or 1) - 1
+        self._threads += [self._start_figure_thread(jobs) for _ in range(max(0, extra))]
+        for _ in self._threads:
+            jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._jobs, self._threads = None, []
 
 
 def _error_text(trial: Trial) -> str:
