@@ -42,8 +42,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tc: ResolvedTrainer, steps
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=tc.plateau_factor, patience=tc.plateau_patience)
     if tc.schedule == "onecycle":
-        # OneCycleLR needs pct_start in (0, 1); a zero warm-up is approximated by one step.
-        pct = min(max(warmup, 1) / total, 0.99)
+        if total < 3:  # too short for a cycle (OneCycleLR needs >= 2 warm-up steps and one after): constant lr
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        # OneCycleLR divides by (pct_start x total - 1): a warm-up of 0 or 1 steps raised ZeroDivisionError at the
+        # first step (warmup_epochs: 0, or a run of a few steps). The shortest valid warm-up is 2 steps.
+        pct = min(max(warmup, 2), total - 1) / total
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=tc.lr, total_steps=total, pct_start=pct, anneal_strategy="linear",
             cycle_momentum=False)

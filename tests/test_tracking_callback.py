@@ -20,9 +20,9 @@ from ray.tune.experiment import Trial
 from resnet_lab.spec.load import load_spec
 from resnet_lab.spec.sweep import Cell
 from resnet_lab.tracking import SweepTracker
+from resnet_lab.tune import figures
 from resnet_lab.tune.callbacks import TrackingCallback
 from resnet_lab.tune.checkpoints import CheckpointPruner
-from resnet_lab.tune import figures
 from resnet_lab.tune.figures import FigureRenderer, wait_for_spare_cpu
 
 SPEC = """

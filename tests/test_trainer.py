@@ -161,6 +161,34 @@ def test_fast_recipe_warms_up_then_anneals() -> None:
     assert lrs[0] > lrs[1] > lrs[2] > lrs[3]
 
 
+@pytest.mark.parametrize(("epochs", "steps_per_epoch", "warmup_epochs"),
+                         [(2, 1, 1.0), (3, 1, 1.0), (4, 10, 0.0), (1, 1, 1.0), (1, 2, 0.5), (10, 5, 1.0)])
+def test_onecycle_runs_for_any_length_and_warm_up(epochs: int, steps_per_epoch: int, warmup_epochs: float) -> None:
+    # OneCycleLR divided by zero for warm-ups under 2 steps: warmup_epochs 0, or a fast-recipe run of a few steps.
+    from resnet_lab.optim import build_scheduler
+
+    tc = config(trainer={"recipe": "fast", "epochs": epochs, "lr": 0.2, "warmup_epochs": warmup_epochs}
+                ).trainer.resolved()
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=tc.lr)
+    scheduler = build_scheduler(optimizer, tc, steps_per_epoch)
+    total = epochs * steps_per_epoch
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(total - 1):  # the trainer steps the schedule after every optimizer step
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert all(0 < lr <= 0.2 * (1 + 1e-9) for lr in lrs)
+    if total >= 3:  # a cycle: up to the peak, then down below the start
+        assert max(lrs) == pytest.approx(0.2) and lrs[0] < 0.2 and lrs[-1] < lrs[0]
+
+
+def test_fast_recipe_with_one_step_per_epoch_trains() -> None:
+    cfg = config(trainer={"recipe": "fast", "epochs": 2, "batch_size": 512})  # 192 images: one step an epoch
+    result = fit(cfg)
+    assert result.status == "completed" and len(result.history) == 2
+
+
 def test_fit_restores_the_callers_global_rng_and_threads() -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
