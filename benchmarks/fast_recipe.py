@@ -41,8 +41,9 @@ def main() -> int:
                     "compile": args.compile},
     })
     tc = cfg.trainer.resolved()
-    print(f"{args.model}, fast recipe ({tc.optimizer}, {tc.schedule}, batch {tc.batch_size}, amp {tc.amp}, "
-          f"channels_last {tc.channels_last}, compile {tc.compile}), {images:,} synthetic 3x32x32 images "
+    print(f"{args.model}, fast recipe ({tc.optimizer}, {tc.schedule}, batch {tc.batch_size}, bf16 autocast "
+          f"{'on' if tc.amp and device == 'cuda' else 'off'}, channels_last {tc.channels_last}, compile "
+          f"{tc.compile}), {images:,} synthetic 3x32x32 images "
           f"({cfg.dataset.val_fraction:.0%} held out for validation), {epochs} epochs on {device}\n", flush=True)
     rows: list[list[Any]] = []
     start = time.perf_counter()
