@@ -14,6 +14,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from resnet_lab import console
 from resnet_lab.console import LiveView
 from resnet_lab.spec import TrialConfig
 from resnet_lab.spec.sweep import Cell, model_label
@@ -142,9 +143,12 @@ class TrackingCallback(Callback):
                 log.info("discarded run %s of trial %s, unknown to the restored sweep", run.info.run_id, trial_id)
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        self.drain()
         if self.view is not None:
             self.view.close()
+        waiting = self._jobs.qsize() if self._jobs is not None else 0
+        if waiting and self.view is not None:  # the trials held every core: their figures come now (seconds)
+            console.info(f"drawing the figures of {waiting} trial(s) that waited for a spare core")
+        self.drain()
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         """The trial's process failed and Tune retries it from its last checkpoint."""
