@@ -70,11 +70,12 @@ def summarize(name: str, wall: float, storage: Path, trials: int, cost: float) -
     if len(results) != trials:
         raise RuntimeError(f"{name}: expected {trials} trials under {storage}, found {len(results)}")
     work = sum(r.get("epoch_time_s", 0.0) for trial in results for r in trial)
-    starts = [trial[0]["timestamp"] - trial[0]["time_this_iter_s"] for trial in results]
-    ends = [trial[-1]["timestamp"] for trial in results]
-    span = max(ends) - min(starts)
-    first = sorted(results, key=lambda t: t[0]["timestamp"] - t[0]["time_this_iter_s"])[:CONCURRENCY]
-    cold = [t[0]["time_this_iter_s"] - t[0].get("epoch_time_s", 0.0) for t in first]  # one per slot
+    def started(trial: list[dict[str, Any]]) -> float:
+        return trial[0]["timestamp"] - trial[0]["time_this_iter_s"]
+
+    results.sort(key=started)
+    span = max(trial[-1]["timestamp"] for trial in results) - started(results[0])
+    cold = [t[0]["time_this_iter_s"] - t[0].get("epoch_time_s", 0.0) for t in results[:CONCURRENCY]]  # per slot
     per_trial = (CONCURRENCY * span - trials * cost) / trials
     return {"name": name, "wall": wall, "span": span, "work": work, "trials": trials, "per_trial": per_trial,
             "cold": sum(cold) / len(cold), "per_trial_warm": per_trial - sum(cold) / trials,
