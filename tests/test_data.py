@@ -414,3 +414,177 @@ def test_class_images_helper_encodes_labels() -> None:
     split = class_images(40, 10, channels=1, size=8)
     brightness = split.images.reshape(40, -1).mean(1)
     assert np.all(np.diff(brightness[np.argsort(split.labels, kind="stable")].reshape(10, 4).mean(1)) > 0)
+
+
+# --- image_folder: class sub-folders of images of any size --------------------------------------------------------
+
+FOLDER_COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (230, 30, 20)}  # sorted: ImageFolder's order
+
+
+def write_image_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """PNGs (one JPEG, one grey BMP) per class in root/<split>/<class>: class colour plus noise, 20-90 px a side."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in per_class.items():
+        for cls, colour in FOLDER_COLOURS.items():
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = (int(v) for v in rng.integers(20, 91, size=2))
+                pixels = np.clip(np.array(colour) + rng.integers(-10, 11, size=(h, w, 3)), 0, 255).astype(np.uint8)
+                image = Image.fromarray(pixels)
+                if i == 1:
+                    image.save(root / split / cls / f"{i}.jpg", quality=95)
+                elif i == 2:
+                    image.convert("L").save(root / split / cls / f"{i}.bmp")  # grey, through PIL, becomes RGB
+                else:
+                    image.save(root / split / cls / f"{i}.png")
+    return root
+
+
+def folder_config(root: Path, **fields: object) -> DatasetConfig:
+    return DatasetConfig.model_validate({"name": "image_folder", "root": str(root), **fields})
+
+
+def test_image_folder_reads_any_size_into_square_uint8_at_image_size(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path, {"train": 8, "val": 3})
+    data = load_data(folder_config(root, image_size=48, val_fraction=0.25))
+    assert (data.name, data.num_classes, data.in_channels, data.image_size) == ("image_folder", 3, 3, 48)
+    assert data.train[0].dtype == torch.uint8 and data.train[0].shape[1:] == (3, 48, 48)
+    assert (len(data.train[1]), len(data.val[1]), len(data.test[1])) == (18, 6, 9)
+    # Labels follow the sorted class folders; every image keeps its class colour after resizing (the grey BMP
+    # carries its colour's luminance in all three channels).
+    images, labels = data.test
+    for label, (name, colour) in enumerate(FOLDER_COLOURS.items()):
+        assert int((labels == label).sum()) == 3, name
+        mean = images[labels == label].float().mean((0, 2, 3))
+        assert mean.argmax().item() == int(np.argmax(colour)), (name, mean)
+
+
+def test_image_folder_resizes_the_shorter_side_and_keeps_the_center(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            # 20 x 60: white middle third, black sides; the 20 x 20 center crop is all white.
+            pixels = np.zeros((20, 60, 3), dtype=np.uint8)
+            pixels[:, 20:40] = 255
+            Image.fromarray(pixels).save(tmp_path / split / cls / "wide.png")
+            Image.fromarray(pixels.transpose(1, 0, 2).copy()).save(tmp_path / split / cls / "tall.png")
+    data = load_data(folder_config(tmp_path, image_size=32, val_fraction=0.5))
+    images = torch.cat([data.train[0], data.val[0], data.test[0]])
+    assert images.shape == (8, 3, 32, 32)
+    # Antialiased resizing blurs the two edges by a pixel; everything inside is white.
+    assert images[:, :, 2:-2, 2:-2].min().item() >= 250
+
+
+def test_image_folder_decodes_once_and_rereads_when_a_file_changes(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path, {"train": 4, "val": 2})
+    first = data_sources.read_image_folder(root, 40)
+    cache = root / data_sources.FOLDER_CACHE_DIR / "40px.pt"
+    assert cache.is_file()
+    again = data_sources.read_image_folder(root, 40)
+    assert torch.equal(first.train_images, again.train_images) and torch.equal(first.test_labels, again.test_labels)
+    # A changed image (new bytes and mtime) must not be read from the stale cache.
+    from PIL import Image
+
+    changed = root / "train" / "blue" / "0.png"
+    Image.fromarray(np.full((30, 30, 3), 255, dtype=np.uint8)).save(changed)
+    fresh = data_sources.read_image_folder(root, 40)
+    assert not torch.equal(fresh.train_images, first.train_images)
+    assert fresh.train_images[0].min().item() == 255  # blue/0.png is the first training sample
+
+
+def test_image_folder_without_a_val_split_names_the_layout(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, {"train": 2})
+    with pytest.raises(DatasetMissingError, match=r"must hold train/ and val/ \(or test/\).*found: train"):
+        load_data(folder_config(tmp_path))
+
+
+def test_image_folder_with_different_class_folders_names_them(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, {"train": 2, "val": 2})
+    (tmp_path / "train" / "violet").mkdir()
+    (tmp_path / "val" / "blue" / "0.png").rename(tmp_path / "violet.png")
+    from PIL import Image
+
+    Image.new("RGB", (24, 24)).save(tmp_path / "train" / "violet" / "0.png")
+    with pytest.raises(DatasetError, match=r"only in train: \['violet'\]; only in val: none"):
+        load_data(folder_config(tmp_path))
+
+
+def test_image_folder_with_an_unreadable_image_names_the_file(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, {"train": 2, "val": 1})
+    (tmp_path / "val" / "red" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match=r"cannot decode .*red/broken\.png"):
+        load_data(folder_config(tmp_path))
+
+
+def test_image_size_is_an_image_folder_field_and_root_is_required() -> None:
+    with pytest.raises(ValueError, match=r"dataset\.image_size applies to image_folder only"):
+        DatasetConfig.model_validate({"name": "cifar10", "image_size": 64})
+    with pytest.raises(ValueError, match=r"dataset\.root is required for image_folder"):
+        DatasetConfig.model_validate({"name": "image_folder"})
+    assert folder_config(Path("/x")).folder_image_size == 224
+
+
+def test_image_folder_trains_with_random_resized_crops_by_default(tmp_path: Path) -> None:
+    assert resolve_augment("image_folder", None) == Augment(resized_crop=True, flip=True)
+    assert resolve_augment("image_folder", True) == Augment(resized_crop=True, flip=True)
+    assert not resolve_augment("image_folder", False).active
+
+
+def test_resized_crop_of_the_whole_image_is_the_identity_and_a_flip_mirrors(tmp_path: Path) -> None:
+    from resnet_lab.data.loader import resized_crop_flip
+
+    x = torch.randint(0, 256, (3, 3, 12, 12), dtype=torch.uint8)
+    whole = torch.tensor([[0.5, 0.5, 1.0, 1.0]]).repeat(3, 1)
+    assert torch.equal(resized_crop_flip(x, whole, torch.zeros(3, dtype=torch.bool)), x)
+    assert torch.equal(resized_crop_flip(x, whole, torch.ones(3, dtype=torch.bool)), x.flip(-1))
+    # The top-left quadrant, resized 2x: the first 7 rows and columns sample inside it; the last samples a quarter
+    # pixel beyond the box, bilinearly (as roi_align does), and so blends in the neighbours.
+    quadrants = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+    quadrants[..., :4, :4], quadrants[..., :4, 4:], quadrants[..., 4:, :4] = 10, 20, 30
+    top_left = resized_crop_flip(quadrants, torch.tensor([[0.25, 0.25, 0.5, 0.5]]), torch.zeros(1, dtype=torch.bool))
+    assert top_left[..., :7, :7].unique().tolist() == [10]
+
+
+def test_random_resized_crop_boxes_stay_inside_and_follow_the_scale() -> None:
+    from resnet_lab.data.loader import random_boxes
+
+    boxes = random_boxes(20_000, (0.35, 1.0), torch.Generator().manual_seed(0))
+    cx, cy, w, h = boxes.unbind(1)
+    assert (cx - w / 2 >= -1e-6).all() and (cx + w / 2 <= 1 + 1e-6).all()
+    assert (cy - h / 2 >= -1e-6).all() and (cy + h / 2 <= 1 + 1e-6).all()
+    area = w * h
+    assert area.min() >= 0.35 * 0.75 - 1e-6 and area.max() <= 1.0 + 1e-6  # clipping a side only shrinks the area
+    assert (w / h).min() >= 0.75 - 1e-4 or area.max() > 0.99  # clipped boxes at full scale may reach any ratio
+
+
+def test_loader_with_resized_crop_is_reproducible_and_random(tmp_path: Path) -> None:
+    x = torch.randint(0, 256, (16, 3, 24, 24), dtype=torch.uint8)
+    y = torch.arange(16)
+
+    def first_batch(seed: int) -> torch.Tensor:
+        loader = DeviceLoader(x, y, 16, mean=torch.zeros(3), std=torch.ones(3),
+                              augment=Augment(resized_crop=True, flip=True),
+                              augment_generator=torch.Generator().manual_seed(seed))
+        return next(iter(loader))[0]
+
+    a, b, c = first_batch(1), first_batch(1), first_batch(2)
+    assert a.shape == (16, 3, 24, 24) and torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, x.float() / 255)  # cropped
+
+
+def test_image_folder_trains_an_imagenet_stem_resnet_end_to_end(tmp_path: Path) -> None:
+    from resnet_lab.spec import TrialConfig
+    from resnet_lab.trainer import fit
+
+    root = write_image_folder(tmp_path, {"train": 6, "val": 2})
+    cfg = TrialConfig.model_validate({
+        "dataset": {"name": "image_folder", "root": str(root), "image_size": 64, "val_fraction": 0.2},
+        "model": {"name": "resnet", "depth": 10, "width": 0.25, "stem": "imagenet"},
+        "trainer": {"epochs": 1, "batch_size": 8, "device": "cpu", "threads": 1},
+    })
+    result = fit(cfg)
+    assert result.status == "completed" and 0.0 <= result.metrics["test/acc"] <= 1.0

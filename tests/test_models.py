@@ -236,7 +236,8 @@ def test_registry_and_catalogue_list_the_same_models() -> None:
 @pytest.mark.parametrize("name", sorted(MODEL_CATALOG))
 def test_every_catalogue_param_and_depth_is_accepted(name: str) -> None:
     entry = MODEL_CATALOG[name]
-    values: dict[str, Any] = {"width": SMALL_WIDTH, "skip": False, "dropout": 0.2, "block": "preact"}
+    values: dict[str, Any] = {"width": SMALL_WIDTH, "skip": False, "dropout": 0.2, "block": "preact",
+                              "stem": "imagenet"}
     params = {p: values[p] for p in entry.params if p != "depth"}
     for depth in entry.depths or (None,):
         depth_param = {} if depth is None else {"depth": depth}
@@ -288,3 +289,56 @@ def test_registering_a_name_missing_from_the_catalogue_raises() -> None:
     with pytest.raises(ValueError, match=r"missing from resnet_lab\.spec\.catalog\.MODEL_CATALOG"):
         register("resnet9000")
     assert "resnet9000" not in model_names()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# stem: imagenet is torchvision's ResNet
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50])
+def test_imagenet_stem_has_torchvisions_parameter_count(depth: int) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    theirs = count_params(getattr(torchvision.models, f"resnet{depth}")(weights=None))
+    ours = build_model("resnet", depth=depth, stem="imagenet", num_classes=1000, in_channels=3)
+    assert count_params(ours) == theirs
+    # Dropout adds no parameters, so the count holds whatever the recipe's dropout.
+    assert count_params(build_model("resnet", depth=depth, stem="imagenet", num_classes=1000, dropout=0.3)) == theirs
+
+
+def test_imagenet_stem_matches_torchvisions_state_dict_shapes() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    theirs = {k: tuple(v.shape) for k, v in torchvision.models.resnet18(weights=None).state_dict().items()}
+    ours = {k: tuple(v.shape) for k, v in build_model("resnet", depth=18, stem="imagenet",
+                                                      num_classes=1000).state_dict().items()}
+    assert ours == theirs  # same names and shapes: torchvision's ResNet-18 weights load as they are
+
+
+@pytest.mark.parametrize("size", [64, 96, 128])
+@pytest.mark.parametrize("params", [{"depth": 18}, {"depth": 18, "skip": False}, {"depth": 50, "block": "preact"}],
+                         ids=["resnet18", "resnet18-plain", "resnet50-preact"])
+def test_imagenet_stem_trains_a_step_at_higher_resolution(params: dict[str, Any], size: int) -> None:
+    model = build("resnet", params, stem="imagenet", width=SMALL_WIDTH, num_classes=6, in_channels=3)
+    assert train_step(model, in_channels=3, size=size, num_classes=6).shape == (2, 6)
+    assert_gradients_reach_every_layer(model)
+    # 7x7/2 conv + 3x3/2 max-pool: layer1 runs at a quarter of the input's side.
+    seen: list[tuple[int, ...]] = []
+    model.layer1.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape[-2:])))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    assert seen == [(size // 4, size // 4)]
+
+
+def test_cifar_stem_is_the_default_and_unchanged() -> None:
+    torch.manual_seed(3)
+    default = build_model("resnet", depth=10, width=SMALL_WIDTH)
+    torch.manual_seed(3)
+    cifar = build_model("resnet", depth=10, width=SMALL_WIDTH, stem="cifar")
+    assert default.conv1.kernel_size == (3, 3) and isinstance(default.maxpool, nn.Identity)
+    pairs = zip(default.state_dict().values(), cifar.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_unknown_stem_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown stem 'imgnet'; choose one of: cifar, imagenet"):
+        build_model("resnet", depth=18, stem="imgnet")

@@ -7,7 +7,7 @@ Plain PyTorch; torchvision is imported only when a real dataset is read (see `so
 from __future__ import annotations
 
 from resnet_lab.data.base import DatasetError, DatasetMissingError, RawData
-from resnet_lab.data.loader import NO_AUGMENT, Augment, DeviceLoader, crop_flip
+from resnet_lab.data.loader import NO_AUGMENT, Augment, DeviceLoader, crop_flip, random_boxes, resized_crop_flip
 from resnet_lab.data.splits import (
     DEFAULT_AUGMENT,
     DataSplits,
@@ -21,6 +21,6 @@ from resnet_lab.data.splits import (
 
 __all__ = [
     "DEFAULT_AUGMENT", "NO_AUGMENT", "Augment", "DataSplits", "DatasetError", "DatasetMissingError", "DeviceLoader",
-    "RawData", "channel_stats", "crop_flip", "load_data", "prepare_data", "read_raw", "resolve_augment",
-    "split_indices",
+    "RawData", "channel_stats", "crop_flip", "load_data", "prepare_data", "random_boxes", "read_raw",
+    "resized_crop_flip", "resolve_augment", "split_indices",
 ]

@@ -18,20 +18,62 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Augment:
-    """Training augmentation: random crop of the zero-padded image, random horizontal flip."""
+    """Training augmentation: random crop of the zero-padded image (or a random resized crop), horizontal flip."""
 
     crop: bool = False
     flip: bool = False
     padding: int = 4  # pixels of zero padding a side before the 32x32 crop (He et al. 2016, CIFAR)
+    # Random resized crop (Szegedy et al. 2015, torchvision's RandomResizedCrop) for larger images: a box of
+    # `scale` of the image's area and aspect ratio in [3/4, 4/3], resized back to the image's size. The lower
+    # bound 0.35 instead of ImageNet's 0.08 is fast.ai's choice for Imagenette-sized data and short runs.
+    resized_crop: bool = False
+    scale: tuple[float, float] = (0.35, 1.0)
 
     def __post_init__(self) -> None:
         if self.padding < 0:
             raise ValueError(f"Augment.padding must be >= 0 (got {self.padding})")
+        if not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
+            raise ValueError(f"Augment.scale must satisfy 0 < low <= high <= 1 (got {self.scale})")
+        if self.crop and self.resized_crop:
+            raise ValueError("Augment: choose crop (padded) or resized_crop, not both")
 
     @property
     def active(self) -> bool:
         """Whether this augmentation changes anything."""
-        return self.flip or (self.crop and self.padding > 0)
+        return self.flip or self.resized_crop or (self.crop and self.padding > 0)
+
+
+def resized_crop_flip(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Resize each image's box back to the full (H, W), mirroring where `flips`: one bilinear grid_sample.
+
+    Args:
+        images: uint8 (N, C, H, W).
+        boxes: (N, 4) float (center x, center y, width, height) as fractions of the image's side, inside it.
+        flips: (N,) bool; True mirrors left-right.
+    """
+    n, c, h, w = images.shape
+    boxes = boxes.to(images.device, torch.float32)
+    # affine_grid maps output coordinates in [-1, 1] to input ones: x_in = width * x_out + (2 * cx - 1).
+    sx = boxes[:, 2] * torch.where(flips.to(images.device), -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, 2 * boxes[:, 0] - 1
+    theta[:, 1, 1], theta[:, 1, 2] = boxes[:, 3], 2 * boxes[:, 1] - 1
+    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    out = F.grid_sample(images.to(torch.float32), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def random_boxes(n: int, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+    """(n, 4) random-resized-crop boxes (cx, cy, w, h) in image fractions, on the generator's device.
+
+    Area ~ U(scale), log aspect ratio ~ U(log 3/4, log 4/3) as torchvision draws them; a side longer than the image
+    is clipped to it (torchvision retries 10 times, then falls back to a center crop).
+    """
+    u = torch.rand(n, 4, generator=generator, device=generator.device)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1])
+    w, h = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+    return torch.stack([w / 2 + (1 - w) * u[:, 2], h / 2 + (1 - h) * u[:, 3], w, h], dim=1)
 
 
 NO_AUGMENT = Augment()
@@ -66,8 +108,9 @@ class DeviceLoader:
 
     Yields float (N, C, H, W) images, `(x / 255 - mean) / std` per channel, in `dtype` (channels_last memory
     format if asked), and int64 labels, all on the data's device. `len(loader)` is the number of batches.
-    Generators may live on the CPU or on the data's device; on CUDA keep them on the device (`torch.Generator(
-    "cuda")`) so drawing needs no host round trip.
+    Generators may live on the CPU or on the data's device. The trainer keeps them on the CPU on every device: a CPU
+    generator's state loads on any node (a CUDA generator's does not load into a CPU one), and an epoch's draws are
+    made once in `iter()` and copied to the device in one transfer each (~1 ms for 50k images).
     """
 
     def __init__(
@@ -121,11 +164,13 @@ class DeviceLoader:
             g = self.order_generator
             assert g is not None  # checked in __init__
             order = torch.randperm(n, generator=g, device=g.device).to(device)
-        offsets = flips = None
+        offsets = flips = boxes = None
         if self.augment.active:
             g, aug = self.augment_generator, self.augment
             assert g is not None  # checked in __init__
             pad = aug.padding if aug.crop else 0
+            if aug.resized_crop:
+                boxes = random_boxes(n, aug.scale, g).to(device)
             if aug.crop:
                 offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g, device=g.device).to(device)
             else:
@@ -134,10 +179,10 @@ class DeviceLoader:
                 flips = (torch.rand(n, generator=g, device=g.device) < 0.5).to(device)
             else:
                 flips = torch.zeros(n, dtype=torch.bool, device=device)
-        return self._batches(order, offsets, flips)
+        return self._batches(order, offsets, flips, boxes)
 
-    def _batches(self, order: torch.Tensor | None, offsets: torch.Tensor | None,
-                 flips: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, order: torch.Tensor | None, offsets: torch.Tensor | None, flips: torch.Tensor | None,
+                 boxes: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         pad = self.augment.padding if self.augment.crop else 0
         for i in range(len(self)):
             batch = slice(i * self.batch_size, (i + 1) * self.batch_size)
@@ -147,7 +192,9 @@ class DeviceLoader:
                 index = order[batch]
                 # index_select: 0.15 ms for 512 CIFAR images vs 5.5 ms for images[index] on 2 CPU cores
                 x, y = self.images.index_select(0, index), self.labels.index_select(0, index)
-            if offsets is not None and flips is not None:
+            if boxes is not None and flips is not None:
+                x = resized_crop_flip(x, boxes[batch], flips[batch])  # the resampled batch only, back to uint8
+            elif offsets is not None and flips is not None:
                 x = crop_flip(x, offsets[batch], flips[batch], pad)  # on uint8: a quarter of float32's traffic
             yield self.normalize(x), y
 

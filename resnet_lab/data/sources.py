@@ -15,6 +15,7 @@ to torchvision's own `__init__`.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 from collections.abc import Callable
@@ -178,3 +179,103 @@ def read_source(name: str, root: Path, download: bool) -> RawData:
         raise DatasetError(f"{source.name}: could not read the files in {source.directory(root)} ({reason}); "
                            "delete them and place fresh copies, or let dataset.download: true fetch them") from None
     return RawData(*train, *test, num_classes=source.num_classes)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# image_folder: torchvision's ImageFolder layout (root/train/<class>/*.png, root/val/<class>/*.jpg), any image size
+
+FOLDER_TEST_SPLITS = ("val", "test")  # Imagenette and ImageNet name their held-out split val/
+FOLDER_CACHE_DIR = ".resnet-lab-cache"
+# torchvision.io decodes these without PIL (libjpeg-turbo, libpng, libwebp); other extensions ImageFolder accepts
+# (bmp, ppm, pgm, tif) go through PIL.
+_IO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+
+
+def _folder_splits(root: Path) -> tuple[Path, Path]:
+    train = root / "train"
+    test = next((root / name for name in FOLDER_TEST_SPLITS if (root / name).is_dir()), None)
+    if not train.is_dir() or test is None:
+        raise DatasetMissingError(
+            f"image_folder: {root} must hold train/ and val/ (or test/), each with one sub-folder of images per "
+            f"class (found: {', '.join(sorted(p.name for p in root.iterdir())) if root.is_dir() else 'no directory'})")
+    return train, test
+
+
+def _folder_samples(directory: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    try:
+        # ImageFolder only lists the files here; its loader is never called.
+        ds = datasets.ImageFolder(str(directory), loader=lambda path: path)
+    except (FileNotFoundError, OSError) as exc:
+        raise DatasetError(f"image_folder: {directory}: {exc}") from None
+    return ds.classes, ds.samples
+
+
+def _decode(path: str, image_size: int) -> torch.Tensor:
+    """One image file -> uint8 (3, S, S): shorter side resized to S (antialiased), center-cropped."""
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as TF
+
+    try:
+        if path.lower().endswith(_IO_EXTENSIONS):
+            image = decode_image(path, mode=ImageReadMode.RGB)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as pil:
+                image = TF.pil_to_tensor(pil.convert("RGB"))
+    except Exception as exc:  # torchvision raises RuntimeError, PIL UnidentifiedImageError/OSError
+        raise DatasetError(f"image_folder: cannot decode {path} ({type(exc).__name__}: {exc}); "
+                           "remove or replace the file") from None
+    image = TF.resize(image, [image_size], antialias=True)
+    return TF.center_crop(image, [image_size, image_size])
+
+
+def _decode_all(samples: list[tuple[str, int]], image_size: int) -> Split:
+    images = torch.empty(len(samples), 3, image_size, image_size, dtype=torch.uint8)
+    for i, (path, _) in enumerate(samples):
+        images[i] = _decode(path, image_size)
+    return images, torch.tensor([label for _, label in samples], dtype=torch.int64)
+
+
+def _fingerprint(samples: list[tuple[str, int]], image_size: int) -> str:
+    """Hash of every file's path, size and mtime plus the size: a changed folder never reads a stale cache."""
+    digest = hashlib.sha256(f"{image_size}".encode())
+    for path, label in samples:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def read_image_folder(root: Path, image_size: int) -> RawData:
+    """Read `root/train` and `root/val` (or `test`) as uint8 (N, 3, S, S) at S = `image_size`, decoded once.
+
+    Each image's shorter side is resized to S and the center S x S kept, so the device holds one uint8 copy at the
+    training size (150 KB an image at 224 px); random resized crops are drawn per batch from it (`Augment`).
+    The decoded tensors are cached in `root/.resnet-lab-cache/` (the driver's `prepare_data` fills it, trials
+    read it); a read-only root just decodes every time.
+    """
+    train_dir, test_dir = _folder_splits(root)
+    classes, train_samples = _folder_samples(train_dir)
+    test_classes, test_samples = _folder_samples(test_dir)
+    if test_classes != classes:
+        only_train, only_test = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
+        raise DatasetError(f"image_folder: {train_dir} and {test_dir} must have the same class folders "
+                           f"(only in train: {only_train or 'none'}; only in {test_dir.name}: {only_test or 'none'})")
+    key = _fingerprint(train_samples + test_samples, image_size)
+    cache = root / FOLDER_CACHE_DIR / f"{image_size}px.pt"
+    if cache.is_file():
+        try:
+            saved = torch.load(cache, weights_only=True)
+            if saved.get("key") == key:
+                return RawData(*saved["train"], *saved["test"], num_classes=len(classes))
+        except Exception:  # a truncated or foreign file: decode again and overwrite it
+            pass
+    train, test = _decode_all(train_samples, image_size), _decode_all(test_samples, image_size)
+    try:
+        cache.parent.mkdir(exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # write then rename: parallel trials never
+        torch.save({"key": key, "train": train, "test": test}, tmp)  # read a half-written file
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # read-only dataset directory: every reader decodes (slower, same tensors)
+    return RawData(*train, *test, num_classes=len(classes))

@@ -20,15 +20,18 @@ DEFAULT_AUGMENT: dict[str, Augment] = {
     "svhn": Augment(crop=True, flip=False),
     "fashion_mnist": Augment(crop=True, flip=True),
     "synthetic": Augment(),
+    "image_folder": Augment(resized_crop=True, flip=True),  # ImageNet's recipe: random resized crop + flip
 }
 FLIP_ALLOWED: dict[str, bool] = {"cifar10": True, "cifar100": True, "svhn": False, "fashion_mnist": True,
-                                 "synthetic": True}
+                                 "synthetic": True, "image_folder": True}
 _STATS_CHUNK = 8192  # images per histogram step: bounds the per-channel copy to 8 MB at 32x32
 
 
 def resolve_augment(name: str, augment: bool | None) -> Augment:
     """`dataset.augment`: None -> the dataset's default; False -> none; True -> crop, plus flip where allowed."""
     if augment is None:
+        return DEFAULT_AUGMENT[name]
+    if augment and name == "image_folder":
         return DEFAULT_AUGMENT[name]
     return Augment(crop=True, flip=FLIP_ALLOWED[name]) if augment else Augment()
 
@@ -121,6 +124,10 @@ def read_raw(cfg: DatasetConfig) -> RawData:
         from resnet_lab.data.synthetic import make_synthetic
 
         return make_synthetic(cfg.synthetic)
+    if cfg.name == "image_folder":
+        from resnet_lab.data.sources import read_image_folder
+
+        return read_image_folder(cfg.root_path(), cfg.folder_image_size)
     from resnet_lab.data.sources import read_source  # imports torchvision: ~7.7 s cold, only when needed
 
     return read_source(cfg.name, cfg.root_path(), cfg.download)

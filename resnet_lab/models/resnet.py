@@ -1,4 +1,4 @@
-"""ResNets for 32x32 images: torchvision's ResNet with a CIFAR stem, plus pre-activation blocks and a `skip` switch.
+"""torchvision's ResNet with a CIFAR stem (32x32) or its ImageNet stem, pre-activation blocks and a `skip` switch.
 
 Depth counts weighted layers (stem conv + 2 per basic or 3 per bottleneck block + fc), not the 1x1 projection
 shortcuts, as He et al. 2015 (Table 1) count them. `skip=False` is their plain-net ablation: the same stacked layers
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -237,8 +237,15 @@ Block = type[BasicBlock] | type[Bottleneck] | type[PreActBlock] | type[PreActBot
 # Network
 
 
+Stem = Literal["cifar", "imagenet"]
+STEMS: tuple[str, ...] = ("cifar", "imagenet")
+
+
 class ResNet(nn.Module):
-    """CIFAR-stem ResNet: 3x3 conv stem (stride 1, no max-pool), one stage per entry of `layers`, GAP, dropout, fc.
+    """ResNet: stem, one stage per entry of `layers`, GAP, dropout, fc.
+
+    `stem="cifar"`: a 3x3 conv at stride 1, no max-pool, for 32x32 images. `stem="imagenet"`: torchvision's 7x7 conv
+    at stride 2 + BN-ReLU + 3x3 max-pool at stride 2 (4x less resolution before layer1), for 64 px and up.
 
     Stage i has `base_channels * 2**i * width` planes and stride 2 except the first. `shortcut` builds the
     `downsample` modules (default: 1x1 projection, bare for pre-activation blocks); with `skip=False` none is built.
@@ -257,19 +264,32 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         base_channels: int = 64,
         shortcut: ShortcutFactory | None = None,
+        stem: Stem = "cifar",
     ) -> None:
         super().__init__()
         if not layers or min(layers) < 1:
             raise ValueError(f"layers must list at least one block per stage (got {list(layers)})")
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; choose one of: {', '.join(STEMS)}")
+        self.stem = stem
         self.skip = skip
         self._shortcut = shortcut or (preact_projection_shortcut if block.preact else projection_shortcut)
         planes = [max(1, round(base_channels * 2**i * width)) for i in range(len(layers))]
         features = planes[-1] * block.expansion
         with weight_init_scope(self):
             self.inplanes = planes[0]
-            self.conv1 = conv3x3(in_channels, planes[0])
-            self.bn1 = nn.Identity() if block.preact else nn.BatchNorm2d(planes[0])
-            self.relu = nn.Identity() if block.preact else nn.ReLU(inplace=True)
+            if stem == "imagenet":
+                # torchvision's stem, BN-ReLU kept for pre-activation nets too (as fb.resnet.torch's ImageNet
+                # preresnet.lua does): the max-pool wants activated input.
+                self.conv1 = nn.Conv2d(in_channels, planes[0], kernel_size=7, stride=2, padding=3, bias=False)
+                self.bn1 = nn.BatchNorm2d(planes[0])
+                self.relu = nn.ReLU(inplace=True)
+                self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            else:
+                self.conv1 = conv3x3(in_channels, planes[0])
+                self.bn1 = nn.Identity() if block.preact else nn.BatchNorm2d(planes[0])
+                self.relu = nn.Identity() if block.preact else nn.ReLU(inplace=True)
+                self.maxpool = nn.Identity()
             self.stage_names = [f"layer{i + 1}" for i in range(len(layers))]
             for i, (name, n_blocks) in enumerate(zip(self.stage_names, layers, strict=True)):
                 self.add_module(name, self._make_layer(block, planes[i], n_blocks, stride=1 if i == 0 else 2))
@@ -291,8 +311,10 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Shapes for resnet-18 on CIFAR; e = block expansion (1 basic, 4 bottleneck), width 1.
-        x = self.relu(self.bn1(self.conv1(x)))  # (N, 3, 32, 32) -> (N, 64, 32, 32)
+        # Shapes for resnet-18 on CIFAR (cifar stem); e = block expansion (1 basic, 4 bottleneck), width 1. With the
+        # imagenet stem at 224 px: (N, 3, 224, 224) -> conv1 (N, 64, 112, 112) -> maxpool (N, 64, 56, 56), then
+        # layer1..4 at 56, 28, 14, 7.
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N, 3, 32, 32) -> (N, 64, 32, 32)
         for name in self.stage_names:
             # layer1 -> (N, 64e, 32, 32), layer2 -> (N, 128e, 16, 16), layer3 -> (N, 256e, 8, 8),
             # layer4 -> (N, 512e, 4, 4)
@@ -351,19 +373,22 @@ def resnet(
     dropout: float = 0.0,
     num_classes: int = 10,
     in_channels: int = 3,
+    stem: Stem = "cifar",
 ) -> ResNet:
-    """CIFAR-stem ResNet-`depth`: basic blocks for 8-34 (8 has three stages, [1, 1, 1]), bottlenecks for 50-152.
+    """ResNet-`depth`: basic blocks for 8-34 (8 has three stages, [1, 1, 1]), bottlenecks for 50-152.
 
     `block='preact'` gives the pre-activation version of the depth's own block (basic or bottleneck) with the same
     layer counts; asking for the other kind ('bottleneck' at 18, 'basic' at 50) raises, as it would change the depth.
-    ResNet-18 has 11,173,962 parameters (10 classes, 3 channels).
+    ResNet-18 has 11,173,962 parameters (10 classes, 3 channels). `stem='imagenet'` is torchvision's 7x7 stem with
+    max-pool; with 1000 classes resnet-18/34/50 then have torchvision's counts exactly (11,689,512, 21,797,672,
+    25,557,032).
     """
     if depth not in RESNET_LAYOUTS:
         raise ValueError(f"resnet depth {depth} is not supported; supported: {', '.join(map(str, RESNET_LAYOUTS))}")
     _, layers = RESNET_LAYOUTS[depth]
     return ResNet(
         resolve_block(depth, block), layers, width=width, skip=skip, dropout=dropout, num_classes=num_classes,
-        in_channels=in_channels,
+        in_channels=in_channels, stem=stem,
     )
 
 

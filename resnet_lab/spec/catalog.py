@@ -34,10 +34,11 @@ MODEL_CATALOG: dict[str, ModelEntry] = {
         doc="ResNet-14: stem, 3 stages of 2 basic blocks (64-128-256), fc; ~2.8M params",
     ),
     "resnet": ModelEntry(
-        params=frozenset({"depth", "block", "width", "skip", "dropout"}),
+        params=frozenset({"depth", "block", "width", "skip", "dropout", "stem"}),
         depths=(8, 10, 18, 34, 50, 101, 152),
         residual=True,
-        doc="CIFAR-stem ResNet, 4 stages (3 at depth 8); basic blocks up to 34, bottleneck from 50; preact optional",
+        doc="ResNet, 4 stages (3 at depth 8); basic blocks up to 34, bottleneck from 50; preact optional; "
+            "stem cifar (3x3, 32 px) or imagenet (7x7/2 + max-pool, torchvision's)",
     ),
     "resnet_cifar": ModelEntry(
         params=frozenset({"depth", "width", "skip", "dropout"}),

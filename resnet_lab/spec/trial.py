@@ -10,14 +10,16 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from resnet_lab.spec.base import StrictModel
 from resnet_lab.spec.catalog import MODEL_CATALOG
 from resnet_lab.spec.loader import suggest
 
-DatasetName = Literal["cifar10", "cifar100", "svhn", "fashion_mnist", "synthetic"]
-DATASET_NAMES: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "fashion_mnist", "synthetic")
+DatasetName = Literal["cifar10", "cifar100", "svhn", "fashion_mnist", "synthetic", "image_folder"]
+DATASET_NAMES: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "fashion_mnist", "synthetic", "image_folder")
+# image_folder's side length when dataset.image_size is unset: torchvision's ImageNet evaluation crop.
+DEFAULT_FOLDER_IMAGE_SIZE = 224
 
 DATA_ROOT_ENV = "RESNET_LAB_DATA"
 
@@ -52,6 +54,23 @@ class DatasetConfig(StrictModel):
     split_seed: int = Field(0, ge=0, le=2**31 - 1)
     augment: bool | None = None  # None -> the dataset's default (crop+flip; crop only for digits)
     synthetic: SyntheticConfig = SyntheticConfig()
+    # image_folder only: side of the square images (shorter side resized to it, then center-cropped); None -> 224
+    image_size: int | None = Field(None, ge=16, le=1024)
+
+    @model_validator(mode="after")
+    def _folder_fields(self) -> DatasetConfig:
+        if self.name == "image_folder" and self.root is None:
+            raise ValueError("dataset.root is required for image_folder: a directory holding train/ and val/ "
+                             "(or test/), each with one sub-folder of images per class")
+        if self.name != "image_folder" and self.image_size is not None:
+            raise ValueError(f"dataset.image_size applies to image_folder only ({self.name} has a fixed size; "
+                             "synthetic data takes dataset.synthetic.image_size)")
+        return self
+
+    @property
+    def folder_image_size(self) -> int:
+        """image_folder's image side in pixels (dataset.image_size, default 224)."""
+        return self.image_size if self.image_size is not None else DEFAULT_FOLDER_IMAGE_SIZE
 
     @property
     def has_files(self) -> bool:
@@ -72,6 +91,7 @@ class ModelConfig(StrictModel):
     width: float | None = Field(None, gt=0.0, le=16.0)  # channel multiplier
     skip: bool | None = None  # residual models only; False is He et al.'s plain-net ablation
     dropout: float | None = Field(None, ge=0.0, lt=1.0)  # None -> the recipe's dropout
+    stem: Literal["cifar", "imagenet"] | None = None  # resnet: 3x3 for 32 px, or torchvision's 7x7/2 + max-pool
 
     @field_validator("name")
     @classmethod
@@ -81,7 +101,7 @@ class ModelConfig(StrictModel):
                              f"(known: {', '.join(sorted(MODEL_CATALOG))})")
         return name
 
-    @field_validator("depth", "block", "width", "skip", "dropout")
+    @field_validator("depth", "block", "width", "skip", "dropout", "stem")
     @classmethod
     def _applicable(cls, value: Any, info: ValidationInfo) -> Any:
         entry = MODEL_CATALOG.get(info.data.get("name", ""))
@@ -96,7 +116,8 @@ class ModelConfig(StrictModel):
 
     def build_kwargs(self, default_dropout: float) -> dict[str, Any]:
         """Keyword arguments for `build_model(self.name, ...)`: the fields that were set, plus dropout."""
-        kwargs = {f: getattr(self, f) for f in ("depth", "block", "width", "skip") if getattr(self, f) is not None}
+        kwargs = {f: getattr(self, f) for f in ("depth", "block", "width", "skip", "stem")
+                  if getattr(self, f) is not None}
         kwargs["dropout"] = self.dropout if self.dropout is not None else default_dropout
         return kwargs
 
