@@ -93,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as exc:
         console.error(str(exc))
         return EXIT_USAGE
+    for warning in loaded.warnings:  # legitimate but suspicious values (resnet_lab/spec/checks.py), with the plan
+        console.info(f"warning: {warning}")
     if args.dry_run:
         print_plan(loaded)
         return 0

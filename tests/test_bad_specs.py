@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from resnet_lab.spec.load import load_spec
-from resnet_lab.spec.loader import SpecError
+from resnet_lab.spec.loader import MAX_SPEC_BYTES, SpecError
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = ROOT / "tests" / "specs" / "bad"
@@ -34,9 +37,9 @@ SIDECAR = {
     "a_directory.yaml": ": is a directory; expected a YAML spec file",
 }
 # Mistakes in the file as a whole (unreadable, not YAML, not a mapping): there is no field to name.
-WHOLE_FILE = {"a_directory.yaml", "comments_only.yaml", "empty_file.yaml", "non_string_key.yaml", "non_utf8.yaml",
-              "tab_indent.yaml", "top_level_list.yaml", "top_level_scalar.yaml", "two_documents.yaml",
-              "yaml_syntax_error.yaml"}
+WHOLE_FILE = {"a_directory.yaml", "comments_only.yaml", "control_character.yaml", "empty_file.yaml",
+              "non_string_key.yaml", "non_utf8.yaml", "nul_byte.yaml", "tab_indent.yaml", "top_level_list.yaml",
+              "top_level_scalar.yaml", "two_documents.yaml", "yaml_syntax_error.yaml"}
 HUGE = "9" * 400
 BOMB = "{" + ", ".join(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}" if i else "x"] * 9) + "]" for i in range(9)) + "}"
 # --set values get the same treatment as the file: (id, overrides, expected substring).
@@ -254,3 +257,104 @@ def test_yaml_1_1_surprises_are_errors_or_strings_not_silent_values(tmp_path: Pa
     spec.write_text("name: 2024-01-01\ndescription: =\nseeds: [1_000]\n")
     loaded = load_spec(str(spec))  # a date-like name stays a string; `=` is text; underscores group digits
     assert (loaded.spec.name, loaded.spec.description, loaded.spec.seeds) == ("2024-01-01", "=", [1000])
+
+
+def load_in_thread(path: str, timeout_s: float = 10.0) -> str:
+    """load_spec(path) in a daemon thread: a loader that blocks (a FIFO) fails the test instead of hanging it."""
+    outcome: list[str] = []
+
+    def target() -> None:
+        try:
+            load_spec(path)
+            outcome.append("loaded")
+        except SpecError as exc:
+            outcome.append(str(exc))
+        except BaseException as exc:  # reported below, with its type
+            outcome.append(f"{type(exc).__name__}: {exc}")
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        return "still reading"
+    return outcome[0]
+
+
+def test_a_fifo_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "spec.yaml"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    message = load_in_thread(str(fifo))
+    if message == "still reading":  # blocked in open() or read(): a writer that closes at once lets the thread go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert message == f"{fifo}: is a FIFO (named pipe), not a regular file; a spec must be a regular YAML file " \
+                      "(it is not read)"
+    assert time.monotonic() - start < 1.0
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+def test_dev_zero_is_refused_not_read_without_limit() -> None:
+    start = time.monotonic()
+    message = load_in_thread("/dev/zero")
+    assert message == ("/dev/zero: is a character device, not a regular file; a spec must be a regular YAML file "
+                       "(it is not read)")
+    assert time.monotonic() - start < 1.0
+
+
+def test_size_is_checked_before_reading(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as f:  # sparse: 10 GiB claimed, nothing on disk; reading it would take minutes
+        f.truncate(10 * 2**30)
+    start = time.monotonic()
+    assert load_in_thread(str(huge)) == (f"{huge}: file is 10,737,418,240 bytes; a spec is at most "
+                                         f"{MAX_SPEC_BYTES:,} (it is not read)")
+    assert time.monotonic() - start < 1.0
+    at_cap = tmp_path / "at_cap.yaml"
+    at_cap.write_bytes(b"#" * (MAX_SPEC_BYTES - 1) + b"\n")  # exactly the cap: read, and found empty
+    assert "the spec is empty" in load_in_thread(str(at_cap))
+    at_cap.write_bytes(b"#" * MAX_SPEC_BYTES + b"\n")
+    assert f"is {MAX_SPEC_BYTES + 1:,} bytes; a spec is at most {MAX_SPEC_BYTES:,}" in load_in_thread(str(at_cap))
+
+
+def test_an_unreadable_file_is_one_clear_error(tmp_path: Path) -> None:
+    # As root, mode 000 does not stop a read (PLATFORM_NOTES): a forked child drops to `nobody` and loads there.
+    box = Path(tempfile.mkdtemp(prefix="unreadable-", dir="/tmp"))
+    try:
+        box.chmod(0o755)  # pytest's tmp_path sits under a 0700 directory `nobody` cannot enter at all
+        spec = box / "spec.yaml"
+        spec.write_text(GOOD)
+        spec.chmod(0o000)
+        message = load_as_unprivileged(str(spec))
+    finally:
+        shutil.rmtree(box)
+    assert message == (f"{spec}: permission denied: this user cannot read the file (check its owner and mode, "
+                       "e.g. `ls -l` and `chmod u+r`)")
+
+
+def load_as_unprivileged(path: str) -> str:
+    """str(SpecError) of load_spec(path) in a child process without root's ability to read any file."""
+    if os.geteuid() != 0:
+        return load_in_thread(path)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody (65534), load, report through the pipe, exit without pytest's cleanup
+        code = 0
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            text = load_in_thread(path)
+        except PermissionError as exc:
+            text, code = f"cannot drop root: {exc}", 3
+        except BaseException as exc:
+            text = f"{type(exc).__name__}: {exc}"
+        os.write(write_end, text.encode())
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        text = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) == 3:
+        pytest.skip(f"running as root and {text}")
+    return text

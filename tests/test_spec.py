@@ -158,3 +158,46 @@ def test_dry_run_prints_plan_and_starts_nothing(tmp_path: Path) -> None:
     assert "6 cells, 66 trials, at most 2640 epochs" in proc.stdout
     assert "rungs at epochs [4, 12, 36]" in proc.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_keys_override_as_yaml_defines_them() -> None:
+    search = load_spec(str(ROOT / "tests" / "specs" / "good" / "merge_keys.yaml")).spec.search
+    assert (search["lr"].low, search["lr"].high) == (1e-4, 1e-2)  # the anchor itself is untouched
+    assert (search["weight_decay"].type, search["weight_decay"].low, search["weight_decay"].high) == (
+        "loguniform", 1e-6, 1e-3)  # merged type, own low and high: an override, not a duplicate key
+    dropout = search["dropout"]  # <<: [a, b]: a key of the first mapping beats the same key of the second
+    assert (dropout.type, dropout.low, dropout.high) == ("uniform", 0.1, 0.5)
+
+
+def test_a_reference_for_a_cell_a_set_removed_is_a_warning_printed_with_the_plan(tmp_path: Path) -> None:
+    paper = ROOT / "sweeps" / "paper.yaml"
+    cmd = [sys.executable, str(ROOT / "sweep.py"), str(paper), "--dry-run"]
+    proc = subprocess.run([*cmd, "--set", "grid.model=[resnet]"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    warning = (f"warning: {paper}:19: reference.baseline_cnn: no cell is labelled 'baseline_cnn', so the report cannot "
+               "show it (cells: resnet18); a --set changed the grid")
+    assert warning in proc.stdout.splitlines()
+    assert proc.stdout.index(warning) < proc.stdout.index("1 cells, 3 trials")  # printed with the plan
+    plain = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert plain.returncode == 0 and "warning" not in plain.stdout  # the shipped spec's references all match
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_value_rules_across_fields(tmp_path: Path) -> None:
+    # warmup counts only for schedules that warm up; a searched warm-up is checked at its high end.
+    fine = write(tmp_path, "name: s\ntrainer: {epochs: 2, warmup_epochs: 5, schedule: plateau}\n")
+    assert load_spec(str(fine)).warnings == ()
+    searched = write(tmp_path, "name: s\ntrainer: {epochs: 4, schedule: cosine}\n"
+                               "search:\n  warmup_epochs: {type: uniform, low: 0.5, high: 6}\n", "searched.yaml")
+    assert ("searched.yaml:4: search.warmup_epochs.high: must be <= trainer.epochs (4) with the cosine schedule"
+            in errors_of(searched))
+    gridded = write(tmp_path, "name: s\ntrainer: {recipe: fast}\ngrid:\n  epochs: [1, 3]\n", "gridded.yaml")
+    assert load_spec(str(gridded)).cells  # the fast recipe's 1-epoch warm-up fits a 1-epoch run
+    edge = write(tmp_path, "name: s\ngrid: {depth: [18]}\nreference: {resnet18: 1.0}\ntime_budget_s: 1.0e+9\n",
+                 "edge.yaml")
+    assert load_spec(str(edge)).spec.reference == {"resnet18": 1.0}
+    assert "time_budget_s: must be a finite number of seconds (got inf)" in errors_of(
+        edge, ("time_budget_s=.inf",))
+    assert "reference.resnet18: is an accuracy as a fraction between 0 and 1 (got -0.5)" in errors_of(
+        edge, ("reference.resnet18=-0.5",))

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from resnet_lab.spec.checks import check_spec_values, size_problems
 from resnet_lab.spec.loader import (
     LineDict,
     LineList,
@@ -54,6 +55,8 @@ class LoadedSpec:
     source: str
     cells: list[Cell]
     raw: dict[str, Any]  # the merged YAML data (file + overrides), for the resolved-spec artifact
+    # Located messages about legitimate but suspicious values, printed with the plan (`file:18: field: ...`).
+    warnings: tuple[str, ...] = ()
 
     @property
     def spec_hash(self) -> str:
@@ -244,18 +247,30 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> LoadedSpec:
             except ValueError as exc:
                 problems.append(_located(f"{section}.{key}", [section, key],
                                          f"{exc}{suggest(key, factor_names())}", data, overridden))
+    # The grid's size from its factor counts, before a single cell is built: a million-cell grid fails here at once.
+    problems += [_located(path, [path], message, data, overridden) for path, message in size_problems(spec)]
     if problems:
         raise _grouped(source, problems)
     try:
         cells = expand_cells(spec)
     except CellError as exc:
         raise _grouped(source, [_located("grid", _grid_item(spec, exc), str(exc), data, overridden)]) from None
-    for field, message in check_cells(spec, cells):
-        parts = [int(p) if p.isdigit() else p for p in field.replace("[", ".").replace("]", "").split(".")]
-        problems.append(_located(field, parts, message, data, overridden))
+    grid_overridden = any(key.split(".")[0] in ("grid", "model", "dataset") for key in overridden)
+    findings = check_spec_values(spec, cells, grid_overridden)
+    for field, message in [*check_cells(spec, cells), *findings.errors]:
+        problems.append(_located(field, _parts(field), message, data, overridden))
     if problems:
         raise _grouped(source, problems)
-    return LoadedSpec(spec, source, cells, data)
+    warnings = _grouped(source, [_located(field, _parts(field), message, data, overridden)
+                                 for field, message in findings.warnings])
+    return LoadedSpec(spec, source, cells, data, tuple(str(warnings).splitlines()) if warnings.issues else ())
+
+
+def _parts(field: str) -> list[Any]:
+    """"search.lr.values[0]" -> ["search", "lr", "values", 0]; a reference label may itself hold dots."""
+    if field.startswith("reference."):
+        return ["reference", field.removeprefix("reference.")]
+    return [int(p) if p.isdigit() else p for p in field.replace("[", ".").replace("]", "").split(".")]
 
 
 def _grid_item(spec: SweepSpec, exc: CellError) -> list[Any]:

@@ -6,14 +6,18 @@ write what they mean and `skip: yes` is an error, not a surprise.
 
 Security: a spec is data. It is read with a subclass of `yaml.SafeLoader`, which never imports or calls Python
 objects, and any tag outside the core schema (`!!python/object/apply:...`) is an error naming the tag and its line.
-Aliases, nesting and numbers are bounded, so a hostile file fails in milliseconds instead of eating memory.
+Aliases, nesting, list lengths and numbers are bounded, so a hostile file fails in milliseconds instead of eating
+memory; and the file itself is checked before a byte is read (a regular file, at most MAX_SPEC_BYTES), so a FIFO or
+`/dev/zero` given as a spec is refused instead of hanging the loader or reading forever.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +25,9 @@ from typing import Any
 
 import yaml
 
-MAX_SPEC_BYTES = 1_000_000
+# A real spec is 1-3 KB. PyYAML's pure-Python parser reads about 80 KB/s on a busy CI core, so 64 KiB keeps even
+# the largest accepted file under a second, and anything bigger is not a spec (a log, a dataset, a binary).
+MAX_SPEC_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,14 @@ class LineList(list):
 MAX_ALIAS_VALUES = 10_000  # values that aliases may add in total ("billion laughs" grows 9^n from n lines)
 MAX_DEPTH = 50  # nesting levels; PyYAML's composer recurses, so 10k '[' would otherwise be a RecursionError
 MAX_INT = 2**63 - 1  # every integer field (seeds, epochs, sizes) fits in 64 bits; 400 digits is a typo or an attack
+# Items of one list or keys of one mapping: the longest list any field takes is a choice's 1,000 values (seeds: 100).
+# Checked while composing, so `seeds: [0, 1, ..., 99999]` stops at item 1,001 instead of parsing all of it.
+MAX_ITEMS = 1_000
+# Characters YAML does not allow in a stream (PyYAML's Reader.NON_PRINTABLE): C0 controls but tab, LF and CR; DEL;
+# C1 controls but NEL; surrogates; U+FFFE/U+FFFF. PyYAML reports them as "position 22" with no line; we say where.
+_NON_PRINTABLE = re.compile("[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")  # what PyYAML counts as a new line
+_CONTROL_NAMES = {0x00: "NUL", 0x08: "backspace", 0x0B: "vertical tab", 0x0C: "form feed", 0x1B: "ESC", 0x7F: "DEL"}
 
 _CORE = "tag:yaml.org,2002:"
 
@@ -107,6 +121,7 @@ class _Loader(yaml.SafeLoader):
             self._keys.append(label)
         self._depth += 1
         try:
+            self._check_length(parent, index)
             if self._depth > MAX_DEPTH:
                 raise _SpecYAMLError(f"nested more than {MAX_DEPTH} levels deep; a spec needs 4",
                                      self.peek_event().start_mark, self._keys[:2])  # the whole path is unreadable
@@ -126,6 +141,18 @@ class _Loader(yaml.SafeLoader):
             self._depth -= 1
             if label is not None:
                 self._keys.pop()
+
+    def _check_length(self, parent: yaml.Node | None, index: Any) -> None:
+        """Refuse the item after the MAX_ITEMS-th of a list (or the key after the MAX_ITEMS-th of a mapping)."""
+        if isinstance(parent, yaml.SequenceNode) and isinstance(index, int) and index >= MAX_ITEMS:
+            what = "items"
+        elif isinstance(parent, yaml.MappingNode) and index is None and len(parent.value) >= MAX_ITEMS:
+            what = "keys"
+        else:
+            return
+        path = self._keys[:-1] if isinstance(index, int) else self._keys
+        raise _SpecYAMLError(f"has more than {MAX_ITEMS:,} {what}; no field takes that many (seeds: at most 100, "
+                             f"a choice: at most 1,000 values)", parent.start_mark, path)
 
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
@@ -205,20 +232,52 @@ def _construct_bool(loader: _Loader, node: yaml.Node) -> bool:
     return text.lower() == "true"
 
 
+_Pair = tuple[yaml.Node, yaml.Node, bool]  # key node, value node, written in this mapping (not merged in)
+
+
+def _merged_pairs(loader: _Loader, node: yaml.MappingNode, inside: tuple[int, ...] = ()) -> list[_Pair]:
+    """The mapping's (key, value, written here) pairs, lowest precedence first, `<<` merge keys resolved.
+
+    YAML's merge key (yaml.org/type/merge.html): the pairs of `<<: *base` are inserted, keys written in the mapping
+    itself override them, and in `<<: [*a, *b]` a key of `a` overrides the same key of `b`. So an override after a
+    merge is the point of the feature, not a duplicate; the same key written twice in one mapping still is.
+    PyYAML's own `flatten_mapping` is not used: it rewrites the anchored node in place, after which a later alias
+    to it can no longer tell its own keys from the merged ones.
+    """
+    if id(node) in inside:
+        raise loader.fail("a `<<` merge refers to the mapping that contains it; a spec cannot be recursive",
+                          node.start_mark)
+    inherited: list[_Pair] = []
+    own: list[_Pair] = []
+    for key_node, value_node in node.value:
+        if key_node.tag != _CORE + "merge":
+            own.append((key_node, value_node, True))
+            continue
+        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for source in reversed(sources):  # the first source wins: it is applied last
+            if not isinstance(source, yaml.MappingNode):
+                raise loader.fail(f"`<<` merges a mapping (`<<: *base`) or a list of mappings, not a "
+                                  f"{_node_kind(source)}", key_node.start_mark)
+            inherited += [(k, v, False) for k, v, _ in _merged_pairs(loader, source, (*inside, id(node)))]
+    return inherited + own
+
+
 def _construct_mapping(loader: _Loader, node: yaml.Node) -> LineDict:
     if not isinstance(node, yaml.MappingNode):
         raise loader.fail(f"expected a mapping, not a {_node_kind(node)}", node.start_mark)
-    loader.flatten_mapping(node)
     out = LineDict()
     out.line, out.key_lines = node.start_mark.line + 1, {}
-    for key_node, value_node in node.value:
+    written: set[Any] = set()  # keys written in this mapping (a merged key may be overridden; these may not)
+    for key_node, value_node, own in _merged_pairs(loader, node):
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str | int | float | bool):
             shown = "empty" if key is None else f"a {_node_kind(key_node)}"
             raise loader.fail(f"keys must be plain names (got {shown} key)", key_node.start_mark)
-        if key in out:
+        if own and key in written:
             raise loader.fail(f"invalid YAML: duplicate key '{key}' (first on line {out.key_lines[key]})",
                               key_node.start_mark)
+        if own:
+            written.add(key)
         loader._keys.append(key)
         try:
             out[key] = loader.construct_object(value_node, deep=True)
@@ -267,8 +326,32 @@ def format_path(parts: Iterable[Any]) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) and not isinstance(p, bool) else f".{p}" for p in parts).lstrip(".")
 
 
+def control_characters(text: str, limit: int = 5) -> list[SpecIssue]:
+    """Characters YAML does not allow (NUL, ESC, DEL, ...), each with its line and column; at most `limit`."""
+    issues: list[SpecIssue] = []
+    for found in _NON_PRINTABLE.finditer(text):
+        if len(issues) == limit:
+            issues.append(SpecIssue(issues[-1].line, "", "more control characters follow; only the first "
+                                                         f"{limit} are listed"))
+            break
+        breaks = list(_LINE_BREAK.finditer(text, 0, found.start()))
+        line = len(breaks) + 1
+        column = found.start() - (breaks[-1].end() if breaks else 0) + 1
+        code = ord(found.group())
+        name = (f"control character {_CONTROL_NAMES[code]}" if code in _CONTROL_NAMES
+                else "control character" if code < 0xA0 else "character")
+        hint = (" (a binary file, or one saved as UTF-16? save it as UTF-8 text)" if code == 0
+                else "; delete it (a paste from a terminal or a word processor can leave these behind)")
+        issues.append(SpecIssue(line, "", f"{name} U+{code:04X} at column {column} is not allowed in a YAML "
+                                          f"file{hint}"))
+    return issues
+
+
 def parse_yaml_text(text: str, source: str) -> Any:
     """Parse YAML text with our scalar rules and bounds; raises SpecError with the line on any problem."""
+    bad_characters = control_characters(text)
+    if bad_characters:
+        raise SpecError(source, bad_characters)
     try:
         return yaml.load(text, Loader=_Loader)
     except _SpecYAMLError as exc:
@@ -296,18 +379,64 @@ def _line_of(text: str, index: int) -> str:
     return lines[index] if 0 <= index < len(lines) else ""
 
 
-def read_spec_file(path: str | Path) -> tuple[LineDict, str]:
-    """Read and parse a spec file; every problem (missing, directory, bytes, syntax, shape) is a SpecError."""
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def read_spec_bytes(path: str | Path) -> bytes:
+    """The bytes of a spec file, refused before reading unless it is a regular file of at most MAX_SPEC_BYTES.
+
+    Opened with O_NONBLOCK, so a FIFO without a writer does not block the open; fstat() on the open descriptor (no
+    race with a file swapped in between) decides; the read is bounded whatever the size claimed (a file growing
+    while read, /proc files that claim 0 bytes).
+    """
     source = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise SpecError(source, [SpecIssue(None, "", "no such file")])
-    if p.is_dir():
-        raise SpecError(source, [SpecIssue(None, "", "is a directory; expected a YAML spec file")])
-    raw = p.read_bytes()
-    if len(raw) > MAX_SPEC_BYTES:
-        raise SpecError(source, [SpecIssue(None, "", f"file is {len(raw):,} bytes; a spec is at most "
-                                                     f"{MAX_SPEC_BYTES:,}")])
+
+    def refuse(message: str) -> SpecError:
+        return SpecError(source, [SpecIssue(None, "", message)])
+
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise refuse("no such file") from None
+    except PermissionError:
+        raise refuse("permission denied: this user cannot read the file (check its owner and mode, "
+                     "e.g. `ls -l` and `chmod u+r`)") from None
+    except ValueError:  # a NUL character in the path
+        raise refuse("is not a usable file path (it contains a NUL character)") from None
+    except OSError as exc:
+        raise refuse(f"cannot open the file: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise refuse("is a directory; expected a YAML spec file")
+        if not stat.S_ISREG(info.st_mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            raise refuse(f"is {kind}, not a regular file; a spec must be a regular YAML file (it is not read)")
+        if info.st_size > MAX_SPEC_BYTES:
+            raise refuse(f"file is {info.st_size:,} bytes; a spec is at most {MAX_SPEC_BYTES:,} (it is not read)")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_SPEC_BYTES:
+            chunk = os.read(fd, MAX_SPEC_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise refuse(f"cannot read the file: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_SPEC_BYTES:
+        raise refuse(f"file is more than {MAX_SPEC_BYTES:,} bytes; a spec is at most {MAX_SPEC_BYTES:,}")
+    return b"".join(chunks)
+
+
+def read_spec_file(path: str | Path) -> tuple[LineDict, str]:
+    """Read and parse a spec file; every problem (missing, not a file, size, bytes, syntax, shape) is a SpecError."""
+    source = str(path)
+    raw = read_spec_bytes(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
