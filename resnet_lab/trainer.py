@@ -39,6 +39,7 @@ class EpochMetrics:
     final: bool
     status: Status | None  # set on the final epoch
     state: Callable[[], TrainState]
+    artifacts: dict[str, bytes] = field(default_factory=dict)  # final epoch: files for the run (analysis figures)
 
 
 @dataclass
@@ -125,6 +126,7 @@ class _Run:
         self.best_val_loss, self.best_epoch, self.bad_epochs = math.inf, 0, 0
         self.best_model: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, float]] = []
+        self.artifacts: dict[str, bytes] = {}  # files the final analysis made (resnet_lab.analysis)
 
     # -- state -----------------------------------------------------------------------------------------------
     def state(self) -> TrainState:
@@ -237,7 +239,18 @@ class _Run:
             self.model.load_state_dict(self.best_model)
         test_loss, test_acc = self.evaluate(self.data.test)
         return {"test/loss": test_loss, "test/acc": test_acc, "params": float(self.params),
-                "best_epoch": float(self.best_epoch), "diverged": float(status == "diverged")}
+                "best_epoch": float(self.best_epoch), "diverged": float(status == "diverged")} | self.analyse(status)
+
+    def analyse(self, status: Status) -> dict[str, float]:
+        """`cfg.analysis` (lesion study, attributions) on the tested weights; figures kept in `self.artifacts`."""
+        if not self.cfg.analysis or status == "diverged":
+            return {}
+        from resnet_lab.analysis import analyse_run
+
+        found = analyse_run(self.cfg, self.model, self.data, channels_last=self.memory_format == torch.channels_last,
+                            amp=self.amp)
+        self.artifacts = found.artifacts
+        return found.metrics
 
     def epochs(self) -> Iterator[tuple[dict[str, float], Status | None]]:
         """Run epochs from the current one; yields (metrics, final status or None)."""
@@ -296,7 +309,8 @@ def fit(cfg: TrialConfig, on_epoch: Callable[[EpochMetrics], None] | None = None
             status, last = "completed", {}
             for metrics, final_status in run.epochs():
                 if on_epoch is not None:
-                    on_epoch(EpochMetrics(run.epoch, metrics, final_status is not None, final_status, run.state))
+                    on_epoch(EpochMetrics(run.epoch, metrics, final_status is not None, final_status, run.state,
+                                          run.artifacts if final_status is not None else {}))
                 last = metrics
                 if final_status is not None:
                     status = final_status

@@ -86,6 +86,11 @@ def preact_projection_shortcut(in_planes: int, out_planes: int, stride: int) -> 
     return conv1x1(in_planes, out_planes, stride)
 
 
+# Every block passes its residual branch through `residual_out` and its shortcut through `shortcut_out` (identities,
+# no parameters) right before the addition, so hooks and Captum's layer attributions can read or replace exactly the
+# two summands (resnet_lab.analysis.attribution).
+
+
 def _check_shortcut(in_planes: int, out_planes: int, stride: int, downsample: nn.Module | None, skip: bool) -> None:
     if not skip and downsample is not None:
         raise ValueError("skip=False removes the whole shortcut branch; pass downsample=None")
@@ -115,12 +120,14 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
+        self.residual_out, self.shortcut_out = nn.Identity(), nn.Identity()  # the two summands, for hooks
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))  # (N, inplanes, H, W) -> (N, planes, H/s, W/s)
         out = self.bn2(self.conv2(out))  # -> (N, planes, H/s, W/s)
+        out = self.residual_out(out)
         if self.skip:
-            out = out + (x if self.downsample is None else self.downsample(x))
+            out = out + self.shortcut_out(x if self.downsample is None else self.downsample(x))
         return self.relu(out)
 
     def extra_repr(self) -> str:
@@ -148,13 +155,15 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.residual_out, self.shortcut_out = nn.Identity(), nn.Identity()  # the two summands, for hooks
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))  # (N, inplanes, H, W) -> (N, planes, H, W)
         out = self.relu(self.bn2(self.conv2(out)))  # -> (N, planes, H/s, W/s)
         out = self.bn3(self.conv3(out))  # -> (N, 4*planes, H/s, W/s)
+        out = self.residual_out(out)
         if self.skip:
-            out = out + (x if self.downsample is None else self.downsample(x))
+            out = out + self.shortcut_out(x if self.downsample is None else self.downsample(x))
         return self.relu(out)
 
     def extra_repr(self) -> str:
@@ -180,15 +189,16 @@ class PreActBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
         self.downsample = downsample
+        self.residual_out, self.shortcut_out = nn.Identity(), nn.Identity()  # the two summands, for hooks
 
     def forward(self, x: Tensor) -> Tensor:
         pre = self.relu(self.bn1(x))  # (N, inplanes, H, W), shared by conv1 and a projection shortcut
         out = self.conv1(pre)  # -> (N, planes, H/s, W/s)
-        out = self.conv2(self.relu(self.bn2(out)))  # -> (N, planes, H/s, W/s)
+        out = self.residual_out(self.conv2(self.relu(self.bn2(out))))  # -> (N, planes, H/s, W/s)
         if self.skip:
             # A projection reads the activated input, an identity the raw one, which keeps the identity path clean
             # from block to block (He et al. 2016b, Sec. 4; their Torch code does the same).
-            out = out + (x if self.downsample is None else self.downsample(pre))
+            out = out + self.shortcut_out(x if self.downsample is None else self.downsample(pre))
         return out
 
     def extra_repr(self) -> str:
@@ -216,14 +226,15 @@ class PreActBottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes)
         self.conv3 = conv1x1(planes, planes * self.expansion)
         self.downsample = downsample
+        self.residual_out, self.shortcut_out = nn.Identity(), nn.Identity()  # the two summands, for hooks
 
     def forward(self, x: Tensor) -> Tensor:
         pre = self.relu(self.bn1(x))  # (N, inplanes, H, W)
         out = self.conv1(pre)  # -> (N, planes, H, W)
         out = self.conv2(self.relu(self.bn2(out)))  # -> (N, planes, H/s, W/s)
-        out = self.conv3(self.relu(self.bn3(out)))  # -> (N, 4*planes, H/s, W/s)
+        out = self.residual_out(self.conv3(self.relu(self.bn3(out))))  # -> (N, 4*planes, H/s, W/s)
         if self.skip:
-            out = out + (x if self.downsample is None else self.downsample(pre))
+            out = out + self.shortcut_out(x if self.downsample is None else self.downsample(pre))
         return out
 
     def extra_repr(self) -> str:

@@ -12,7 +12,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from resnet_lab.spec.base import StrictModel
 from resnet_lab.spec.catalog import MODEL_CATALOG
-from resnet_lab.spec.trial import DatasetConfig, ModelConfig, TrainerConfig, TrialConfig
+from resnet_lab.spec.trial import AnalysisKind, DatasetConfig, ModelConfig, TrainerConfig, TrialConfig
 
 # --- search distributions ---------------------------------------------------------------------------------------
 
@@ -158,6 +158,7 @@ class SweepSpec(StrictModel):
     storage: str | None = None  # Ray's trial storage: a local dir (default ./ray_results) or s3:// gs:// URI
     max_failures: int = Field(2, ge=0, le=100)
     reference: dict[str, float] = Field(default_factory=dict)  # published accuracies by cell label, for reports
+    analysis: list[AnalysisKind] = Field(default_factory=list, max_length=2)  # every trial: lesion, attribution
 
     @field_validator("seeds")
     @classmethod
@@ -295,7 +296,7 @@ def with_values(config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any
 def spec_trial_dict(spec: SweepSpec) -> dict[str, Any]:
     """The spec's fixed sections as a TrialConfig dict (unset fields dropped, so model defaults apply)."""
     return {"dataset": spec.dataset.model_dump(exclude_none=True), "model": spec.model.model_dump(exclude_none=True),
-            "trainer": spec.trainer.model_dump(exclude_none=True), "seed": 0}
+            "trainer": spec.trainer.model_dump(exclude_none=True), "seed": 0, "analysis": list(spec.analysis)}
 
 
 def expand_cells(spec: SweepSpec) -> list[Cell]:

@@ -123,6 +123,7 @@ class ModelConfig(StrictModel):
 
 
 Recipe = Literal["paper", "fast"]
+AnalysisKind = Literal["lesion", "attribution"]
 
 
 class TrainerConfig(StrictModel):
@@ -206,6 +207,15 @@ class TrialConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     trainer: TrainerConfig = TrainerConfig()
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    # after training, on the tested weights: lesion study, Captum attributions (resnet_lab.analysis)
+    analysis: list[AnalysisKind] = Field(default_factory=list, max_length=2)
+
+    @field_validator("analysis")
+    @classmethod
+    def _unique_analyses(cls, kinds: list[str]) -> list[str]:
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"analysis lists a kind twice (got {kinds})")
+        return kinds
 
     def to_flat(self) -> dict[str, Any]:
         """Flat `section.key` dict for Ray's param_space and MLflow params (None values dropped)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ from resnet_lab.tracking import (
 )
 from resnet_lab.tune.figures import FigureRenderer, wait_for_spare_cpu
 from resnet_lab.tune.schedule import CellScheduler
-from resnet_lab.tune.trainable import META_KEYS, RESUMED_KEY, trial_config
+from resnet_lab.tune.trainable import ARTIFACTS_KEY, META_KEYS, RESUMED_KEY, trial_config
 
 log = logging.getLogger(__name__)
 TRAINER_SCALARS = ("epoch", "workers", "lr", "epoch_time_s", "throughput_img_s", "params", "best_epoch", "diverged")
@@ -174,6 +175,9 @@ class TrackingCallback(Callback):
         metrics = our_metrics(result)
         step = int(metrics.get("epoch", result.get("training_iteration", 0)))
         run_id = self._run_id(trial)
+        files = result.pop(ARTIFACTS_KEY, None)  # popped: Tune's snapshots and result.json do not keep the bytes
+        if files:
+            self._log_files(run_id, files)
         # A restored trial continues from the checkpoint in Tune's last experiment snapshot, which can be older
         # than what MLflow already holds (the driver was interrupted between the two). The repeated epochs
         # are recorded once: the first record stands (on CPU the retrained epoch is bit-identical anyway).
@@ -224,6 +228,14 @@ class TrackingCallback(Callback):
         run_id = self._run_id(trial)
         self.tracker.log_text(run_id, error, "error.txt")
         self._finish(trial, "failed", "FAILED", {TAG_ERROR: error.strip().splitlines()[-1][:4000] if error else ""})
+
+    def _log_files(self, run_id: str, files: dict[str, str]) -> None:
+        """Files a trial sent base64-encoded in its result (analysis figures) as artifacts of its run."""
+        with tempfile.TemporaryDirectory() as directory:
+            paths = [Path(directory) / Path(name).name for name in files]
+            for path, data in zip(paths, files.values(), strict=True):
+                path.write_bytes(base64.b64decode(data))
+            self.tracker.log_artifacts(run_id, paths)
 
     def _epochs(self, trial: Trial) -> int:
         return trial_config(self.cells[trial.config["cell"]].base, trial.config).trainer.epochs

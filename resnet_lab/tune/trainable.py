@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import math
 import tempfile
@@ -17,6 +18,8 @@ from resnet_lab.spec.sweep import with_values
 META_KEYS = ("cell", "stage", "seed")
 # Result key of a trial process that continued from a checkpoint: the checkpoint's epoch (the callback tags the run).
 RESUMED_KEY = "resumed_from_epoch"
+# Result key of a trial's final epoch: files for its run, {name: base64}; the driver's callback uploads and drops it.
+ARTIFACTS_KEY = "artifacts"
 
 
 def trial_config(base: TrialConfig, config: dict[str, Any], cpus: float | None = None) -> TrialConfig:
@@ -58,6 +61,9 @@ def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig]) -> None:
         metrics = {**epoch.metrics, "node_id": node_id}
         if resume is not None:  # this process continued from a checkpoint: the record says from which epoch
             metrics[RESUMED_KEY] = resume.epoch
+        if epoch.artifacts:  # analysis figures (resnet_lab.analysis), a few tens of KB
+            metrics[ARTIFACTS_KEY] = {name: base64.b64encode(data).decode("ascii")
+                                      for name, data in epoch.artifacts.items()}
         with tempfile.TemporaryDirectory() as directory:
             epoch.state().save(directory)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))

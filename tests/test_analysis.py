@@ -1,0 +1,186 @@
+"""resnet_lab.analysis: lesion study and Captum attributions on hand-built blocks and tiny trained models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from resnet_lab.analysis import EvalSet, analyse, lesion_study, lesioned, lesioned_output, residual_blocks
+from resnet_lab.analysis.lesion import bypassable
+from resnet_lab.models import build_model
+from resnet_lab.models.resnet import BasicBlock, Bottleneck, PreActBlock, PreActBottleneck, projection_shortcut
+from resnet_lab.spec import TrialConfig
+from resnet_lab.trainer import EpochMetrics, fit
+
+Expected = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (block, input) -> the lesioned block's output
+SYNTHETIC = {"name": "synthetic", "synthetic": {"train_size": 512, "test_size": 128, "image_size": 16, "noise": 1.0}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomized(block: nn.Module) -> nn.Module:
+    """`block` in eval mode with random BN statistics and affine terms, so no part of it is an identity."""
+    gen = torch.Generator().manual_seed(0)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.num_features, generator=gen) + 0.5
+            m.bias.data = torch.randn(m.num_features, generator=gen)
+            m.running_mean = torch.randn(m.num_features, generator=gen)
+            m.running_var = torch.rand(m.num_features, generator=gen) + 0.5
+    return block.eval()
+
+
+# --- lesion: hook level ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("block", "expected"), [
+    (BasicBlock(8, 8), lambda b, x: torch.relu(x)),
+    (BasicBlock(8, 16, 2, projection_shortcut(8, 16, 2)), lambda b, x: torch.relu(b.downsample(x))),
+    (Bottleneck(16, 4), lambda b, x: torch.relu(x)),
+    (PreActBlock(8, 8), lambda b, x: x),
+    (PreActBlock(8, 16, 2, nn.Conv2d(8, 16, 1, 2, bias=False)), lambda b, x: b.downsample(torch.relu(b.bn1(x)))),
+    (PreActBottleneck(8, 4, 2, nn.Conv2d(8, 16, 1, 2, bias=False)),
+     lambda b, x: b.downsample(torch.relu(b.bn1(x)))),
+], ids=["basic-identity", "basic-projection", "bottleneck-identity", "preact-identity", "preact-projection",
+        "preact-bottleneck-projection"])
+def test_lesioned_residual_block_outputs_its_shortcut_only(block: nn.Module, expected: Expected) -> None:
+    block = randomized(block)
+    x = torch.randn(2, block.conv1.in_channels, 8, 8)
+    with torch.no_grad():
+        intact = block(x)
+        with lesioned(block):
+            lesioned_out = block(x)
+        after = block(x)
+        want = expected(block, x)
+    torch.testing.assert_close(lesioned_out, want)
+    torch.testing.assert_close(lesioned_output(block, x), want)
+    assert not torch.allclose(intact, want)  # the branch mattered, so the test can fail
+    torch.testing.assert_close(after, intact)  # the hook is gone after the context
+
+
+def test_lesioned_plain_block_is_bypassed_where_shapes_match() -> None:
+    block = randomized(BasicBlock(8, 8, skip=False))
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad(), lesioned(block):
+        assert torch.equal(block(x), x)
+
+
+def test_plain_blocks_that_change_shape_are_not_applicable() -> None:
+    model = build_model("resnet", depth=18, width=0.25, skip=False, num_classes=3)
+    data = EvalSet(torch.zeros(4, 3, 16, 16, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64),
+                   torch.zeros(3), torch.ones(3))
+    # layer2.0, layer3.0 and layer4.0 halve the size and double the channels.
+    assert bypassable(model, data) == [True, True, False, True, False, True, False, True]
+    metrics = lesion_study(model, data)
+    assert sorted(k for k in metrics if k.startswith("lesion/block")) == [
+        f"lesion/block{i:02d}.test_acc" for i in (0, 1, 3, 5, 7)]
+    assert metrics["lesion/num_blocks"] == 8 and metrics["lesion/images"] == 4
+    residual = build_model("resnet", depth=18, width=0.25, num_classes=3)
+    assert bypassable(residual, data) == [True] * 8
+
+
+def test_models_without_blocks_have_nothing_to_lesion() -> None:
+    model = build_model("baseline_cnn", width=0.25, num_classes=3)
+    assert residual_blocks(model) == []
+    data = EvalSet(torch.zeros(4, 3, 16, 16, dtype=torch.uint8), torch.arange(4) % 3, torch.zeros(3), torch.ones(3))
+    assert set(lesion_study(model, data)) == {"lesion/full.test_acc", "lesion/num_blocks", "lesion/images"}
+
+
+# --- attribution: hand-built answers ------------------------------------------------------------------------------
+
+def tiny_resnet() -> tuple[nn.Module, EvalSet]:
+    torch.manual_seed(0)
+    model = build_model("resnet", depth=10, width=0.25, num_classes=4).eval()
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    return model, EvalSet(images, torch.arange(6) % 4, torch.full((3,), 0.5), torch.full((3,), 0.25))
+
+
+def test_zeroed_residual_branch_gives_the_shortcut_the_whole_share() -> None:
+    from resnet_lab.analysis.attribution import shortcut_shares
+
+    model, data = tiny_resnet()
+    nn.init.zeros_(model.layer2[0].bn2.weight)  # the branch's last BN outputs its bias: zero
+    nn.init.zeros_(model.layer2[0].bn2.bias)
+    nn.init.zeros_(model.layer3[0].downsample[1].weight)  # the projection shortcut outputs zero
+    nn.init.zeros_(model.layer3[0].downsample[1].bias)
+    shares = shortcut_shares(model, data, n_images=6, n_steps=8)
+    assert shares["attribution/block01.shortcut_share"] == pytest.approx(1.0)
+    assert shares["attribution/block02.shortcut_share"] == pytest.approx(0.0)
+    for key in ("attribution/block00.shortcut_share", "attribution/block03.shortcut_share"):
+        assert 0.0 < shares[key] < 1.0
+    assert shares["attribution/images"] == 6
+
+
+def test_two_summands_attributions_add_up_to_the_logit_change() -> None:
+    """Completeness: the shortcut's and the branch's attributions sum to the logit change from their baselines."""
+    from captum.attr import LayerIntegratedGradients
+
+    model, data = tiny_resnet()
+    x, y = data.loader().normalize(data.images), data.labels
+    block = model.layer2[0]
+    lig = LayerIntegratedGradients(model, [block.shortcut_out, block.residual_out])
+    (a_short, a_res), delta = lig.attribute(x, baselines=torch.zeros_like(x), target=y, n_steps=64,
+                                            return_convergence_delta=True)
+    assert delta.abs().max() < 1e-2 * (a_short.flatten(1).sum(1) + a_res.flatten(1).sum(1)).abs().max()
+
+
+def test_plain_nets_report_no_shortcut_share() -> None:
+    from resnet_lab.analysis.attribution import shortcut_shares
+
+    torch.manual_seed(0)
+    model = build_model("resnet", depth=10, width=0.25, num_classes=4, skip=False)
+    _, data = tiny_resnet()
+    assert shortcut_shares(model, data, n_images=2, n_steps=4) == {"attribution/images": 2.0}
+
+
+def test_input_maps_render_as_a_png() -> None:
+    model, data = tiny_resnet()
+    result = analyse(["attribution"], model, data, title="tiny")
+    png = result.artifacts["attribution_maps.png"]
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+
+
+# --- through the trainer --------------------------------------------------------------------------------------------
+
+def train(skip: bool, analysis: list[str], seed: int = 0) -> tuple[dict[str, float], dict[str, bytes]]:
+    cfg = TrialConfig.model_validate({
+        "dataset": SYNTHETIC, "model": {"name": "resnet_cifar", "depth": 20, "width": 0.5, "skip": skip},
+        "trainer": {"epochs": 4, "batch_size": 64, "device": "cpu", "threads": 1}, "seed": seed,
+        "analysis": analysis})
+    final: list[EpochMetrics] = []
+    result = fit(cfg, lambda e: final.append(e) if e.final else None)
+    return result.metrics, final[0].artifacts
+
+
+def test_trainer_logs_lesion_and_attribution_metrics_and_the_map_figure() -> None:
+    metrics, artifacts = train(True, ["lesion", "attribution"])
+    blocks = [f"block{i:02d}" for i in range(9)]  # resnet_cifar-20: 3 stages x 3 blocks
+    assert {f"lesion/{b}.test_acc" for b in blocks} <= set(metrics)
+    assert {f"attribution/{b}.shortcut_share" for b in blocks} <= set(metrics)
+    assert metrics["lesion/full.test_acc"] == pytest.approx(metrics["test/acc"])  # 128 test images: all of them
+    assert metrics["lesion/images"] == 128 and metrics["attribution/images"] == 64
+    assert set(artifacts) == {"attribution_maps.png"}
+    plain, none = train(False, [])
+    assert not any(k.startswith(("lesion/", "attribution/")) for k in plain) and none == {}
+
+
+@pytest.mark.slow
+def test_deleting_a_block_hurts_a_resnet_less_than_bypassing_one_hurts_a_plain_net() -> None:
+    """Veit et al. 2016, on the blocks both nets can lose (shape-keeping), over 2 seeds."""
+    drops = {True: [], False: []}
+    for seed in (0, 1):
+        for skip in (True, False):
+            metrics, _ = train(skip, ["lesion"], seed)
+            kept = [k for k in metrics if k.startswith("lesion/block")]
+            assert len(kept) == (9 if skip else 7)
+            drops[skip].append(metrics["lesion/mean_drop"])
+    assert max(drops[True]) < min(drops[False]), drops
