@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,60 @@ def test_deleting_a_block_hurts_a_resnet_less_than_bypassing_one_hurts_a_plain_n
             assert len(kept) == (9 if skip else 7)
             drops[skip].append(metrics["lesion/mean_drop"])
     assert max(drops[True]) < min(drops[False]), drops
+
+
+# --- report: rows and figures from runs' final metrics ---------------------------------------------------------------
+
+def lesion_run(full: float, blocks: dict[int, float], shares: dict[int, float] | None = None) -> dict[str, float]:
+    run = {"lesion/full.test_acc": full, "lesion/num_blocks": 4.0, "lesion/images": 100.0,
+           "lesion/mean_drop": full - sum(blocks.values()) / len(blocks),
+           **{f"lesion/block{i:02d}.test_acc": v for i, v in blocks.items()}}
+    if shares is not None:
+        run["attribution/images"] = 64.0
+        run.update({f"attribution/block{i:02d}.shortcut_share": v for i, v in shares.items()})
+    return run
+
+
+def test_lesion_rows_average_over_seeds_with_t_intervals() -> None:
+    from scipy import stats as scipy_stats
+
+    from resnet_lab.report.analysis import lesion_rows
+
+    skip = [lesion_run(0.9, {0: 0.85, 1: 0.88, 2: 0.80, 3: 0.89}), lesion_run(0.92, {0: 0.86, 1: 0.9, 2: 0.7, 3: 0.9})]
+    plain = [lesion_run(0.8, {0: 0.2, 1: 0.3, 3: 0.1}), lesion_run(0.82, {0: 0.25, 1: 0.35, 3: 0.15})]
+    rows = lesion_rows({"skip": skip, "plain": plain, "no lesion": [{"test/acc": 0.5}]})
+    assert [r.label for r in rows] == ["skip", "plain"]
+    res, pl = rows
+    assert res.runs == 2 and res.worst_block == 2 and pl.block_acc[2] is None and pl.worst_block == 3
+    values = [0.80, 0.7]
+    half = scipy_stats.t.ppf(0.975, 1) * scipy_stats.sem(values)
+    assert res.block_acc[2].mean == pytest.approx(0.75)
+    assert (res.block_acc[2].low, res.block_acc[2].high) == pytest.approx((0.75 - half, 0.75 + half))
+    assert res.mean_drop.mean < pl.mean_drop.mean
+
+
+def test_attribution_rows_give_the_mean_share_per_block_and_none_without_shortcuts() -> None:
+    from resnet_lab.report.analysis import attribution_rows, attribution_table
+
+    runs = [lesion_run(0.9, {0: 0.8}, {0: 0.2, 1: 0.6}), lesion_run(0.9, {0: 0.8}, {0: 0.4, 1: 0.8})]
+    plain = [{**lesion_run(0.8, {0: 0.1}), "attribution/images": 64.0}]
+    rows = attribution_rows({"skip": runs, "plain": plain})
+    assert rows[0].shares[0].mean == pytest.approx(0.3) and rows[0].shares[1].mean == pytest.approx(0.7)
+    assert rows[0].mean_share.mean == pytest.approx(0.5) and rows[1].shares == () and rows[1].mean_share is None
+    header, body = attribution_table(rows)
+    assert header[:3] == ["cell", "seeds", "shortcut share"] and body[1][2] == "n/a"
+
+
+def test_lesion_and_attribution_figures_are_drawn(tmp_path: Path) -> None:
+    from resnet_lab.report.analysis import attribution_figure, lesion_figure, lesion_rows, lesion_table
+
+    cells = {"resnet skip": [lesion_run(0.9, {0: 0.85, 1: 0.88}, {0: 0.3, 1: 0.5}),
+                             lesion_run(0.91, {0: 0.8, 1: 0.9}, {0: 0.35, 1: 0.55})],
+             "resnet plain": [lesion_run(0.8, {1: 0.3}), lesion_run(0.82, {1: 0.2})]}
+    for draw, name in ((lesion_figure, "lesion.png"), (attribution_figure, "shares.png")):
+        path = draw(cells, tmp_path / name, dashed={"resnet plain"})
+        assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
+    assert lesion_figure({"x": [{"test/acc": 0.5}]}, tmp_path / "none.png") is None
+    header, body = lesion_table(lesion_rows(cells))
+    assert header == ["cell", "seeds", "intact", "mean drop", "worst", "-00", "-01"]
+    assert body[1][5] == "n/a"
