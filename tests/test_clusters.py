@@ -15,6 +15,17 @@ import ray.autoscaler
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from resnet_lab.spec.load import load_spec
+from resnet_lab.spec.sweep import Resources
+from resnet_lab.tune.capacity import (
+    HEAD_MARKER,
+    Capacity,
+    concurrency_limit,
+    node_types_from_config,
+    reachable_slots,
+    resource_problems,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTERS = ROOT / "clusters"
 SCHEMA_PATH = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
@@ -125,6 +136,56 @@ def test_every_image_runs_the_same_ray() -> None:
     versions.add(re.search(r"^FROM rayproject/ray:([\d.]+)-", (CLUSTERS / "Dockerfile").read_text(), re.M).group(1))
     versions.add(kuberay_docs()["RayCluster"]["spec"]["rayVersion"])
     assert len(versions) == 1, versions
+
+
+# --- what the autoscaler may launch: preflight and concurrency -------------------------------------------------
+
+HEAD_NO_CPUS = {HEAD_MARKER: 1.0, "memory": 2.0**34}  # `ray start --num-cpus=0`: the head advertises no CPU at all
+
+
+def grown(path: Path) -> Capacity:
+    """The cluster right after `ray up`: the head alone, and the worker types the autoscaler reads from the
+    prepared config (what `ray up` writes to the head's ~/ray_bootstrap_config.yaml)."""
+    types, cap = node_types_from_config(prepare_config(load(path)))
+    return Capacity([HEAD_NO_CPUS], HEAD_NO_CPUS, types, cap, path.name, True)
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
+def test_the_documented_sweep_is_accepted_on_a_cluster_that_starts_with_no_workers(path: Path) -> None:
+    res = load_spec(str(ROOT / "sweeps" / "depth_ablation.yaml")).spec.resources
+    live_only = Capacity([HEAD_NO_CPUS], HEAD_NO_CPUS)
+    # What issue 16 saw: judged by the live head alone, the guide's own command was refused.
+    assert resource_problems(res, live_only) == [
+        "resources.cpu: 4 per worker, but the largest node has 0 CPUs",
+        "resources.gpu: 0.5 per worker, but the largest node has 0 GPUs"]
+    assert resource_problems(res, grown(path)) == []
+    # 4 GPU workers of {CPU: 8, GPU: 1}, two trials of {cpu: 4, gpu: 0.5} on each (the yaml's own comment).
+    assert concurrency_limit(res, grown(path), total=1000) == 8
+    assert concurrency_limit(res, live_only, total=1000) == 1  # the old answer: one trial, the cluster never grew
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
+def test_a_trial_no_node_type_can_hold_is_still_refused(path: Path) -> None:
+    problems = resource_problems(Resources(cpu=16, gpu=1), grown(path))
+    assert problems == ["resources.cpu: 16 per worker, but the largest node (live, or of the autoscaler node types "
+                        f"gpu_worker x4 {{CPU: 8, GPU: 1}} (from {path.name})) has 8 CPUs"]
+    problems = resource_problems(Resources(cpu=8, gpu=1, workers=5), grown(path))  # DDP over more than 4 nodes
+    assert len(problems) == 1 and "5 workers x (8 CPU, 1 GPU) exceed what the cluster holds" in problems[0]
+    assert resource_problems(Resources(cpu=8, gpu=1, workers=4), grown(path)) == []
+
+
+def test_reachable_slots_respect_the_cluster_wide_worker_cap() -> None:
+    types, cap = node_types_from_config({
+        "max_workers": 3, "head_node_type": "head",
+        "available_node_types": {"head": {"resources": {"CPU": 2}}, "big": {"resources": {"CPU": 8}, "max_workers": 2},
+                                 "small": {"resources": {"CPU": 2}, "max_workers": 5}, "default": {"resources": {}}}})
+    assert [(t.name, t.max_workers) for t in types] == [("big", 2), ("small", 5), ("default", 3)]
+    head = {"CPU": 2.0, HEAD_MARKER: 1.0}
+    capacity = Capacity([head], head, types, cap, "test", True)
+    # head 2 + big 2 x 8 + small 1 x 2 (3 workers in all): the roomiest types first.
+    assert reachable_slots(capacity, {"CPU": 1}) == 2 + 16 + 2
+    assert reachable_slots(capacity, {"CPU": 4, "GPU": 0}) == 4
+    assert reachable_slots(capacity, {"CPU": 1, "GPU": 0.5}) == 0  # no GPU anywhere
 
 
 # --- KubeRay ------------------------------------------------------------------------------------------------------

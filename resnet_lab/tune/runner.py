@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import glob
 import logging
-import math
 import os
+import re
 import signal
 import socket
 import time
@@ -14,17 +13,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import pyarrow.fs as pafs
 import ray
 import yaml
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+from resnet_lab import console
 from resnet_lab.provenance import provenance
 from resnet_lab.spec.load import LoadedSpec
 from resnet_lab.spec.sweep import AshaConfig
 from resnet_lab.tracking import TAG_OUTCOME, TAG_SPEC_HASH, SweepTracker
 from resnet_lab.tune.callbacks import TrackingCallback
+from resnet_lab.tune.capacity import Capacity, concurrency_limit, describe, read_capacity, resource_problems
 from resnet_lab.tune.checkpoints import CheckpointPruner
 from resnet_lab.tune.ddp import DRIVER_RESOURCES, train_trial_ddp
 from resnet_lab.tune.schedule import CellScheduler
@@ -108,43 +111,57 @@ def init_ray(address: str | None, temp_dir: str | None) -> None:
         raise PreflightError(f"cannot reach the Ray cluster at {address}: {exc}".rstrip()) from None
 
 
-def check_resources(loaded: LoadedSpec) -> None:
-    """A trial asking for more than the largest node has would wait forever: refuse before launch."""
-    res = loaded.spec.resources
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    best_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
-    best_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
-    total_cpu = sum(n.get("CPU", 0) for n in nodes)
-    total_gpu = sum(n.get("GPU", 0) for n in nodes)
-    problems = []
-    if res.cpu > best_cpu:
-        problems.append(f"resources.cpu: {res.cpu:g} per worker, but the largest node has {best_cpu:g} CPUs")
-    if res.gpu > best_gpu:
-        problems.append(f"resources.gpu: {res.gpu:g} per worker, but the largest node has {best_gpu:g} GPUs")
-    if res.workers > 1 and (res.cpu * res.workers > total_cpu or res.gpu * res.workers > total_gpu):
-        problems.append(f"resources.workers: {res.workers} workers x ({res.cpu:g} CPU, {res.gpu:g} GPU) exceed the "
-                        f"cluster ({total_cpu:g} CPUs, {total_gpu:g} GPUs)")
+def check_resources(loaded: LoadedSpec) -> Capacity:
+    """A trial asking for more than any node has, or can be launched with, would wait forever: refuse before
+    launch. Nodes the autoscaler may add count (a head with 0 CPUs and GPU workers from 0 is the usual cluster)."""
+    capacity = read_capacity()
+    problems = resource_problems(loaded.spec.resources, capacity)
+    if capacity.autoscaling and not capacity.launchable:
+        # An autoscaler we cannot read (KubeRay's reads its node types from Kubernetes; or it runs on another
+        # machine than this driver): nodes it launches may fit what no live node does.
+        # Concurrency then comes from live nodes only: set max_concurrent in the spec (clusters/README.md).
+        if problems:
+            console.info(f"note: {'; '.join(problems)}. The cluster's autoscaler runs where its node types are not "
+                         "readable from here: trials wait for nodes it launches (check `ray status` if none start)")
+        return capacity
     if problems:
         raise PreflightError("; ".join(problems))
+    if capacity.launchable:
+        console.info(f"cluster: {len(capacity.live)} live node(s); {describe(capacity)}")
+    return capacity
 
 
-def concurrency(loaded: LoadedSpec, override: int | None) -> int:
-    """Trials at once: the option, else the spec, else as many as the cluster's CPUs/GPUs hold."""
+def concurrency(loaded: LoadedSpec, override: int | None, capacity: Capacity, total: int) -> int:
+    """Trials at once: the option, else the spec, else as many as the cluster can grow to hold."""
     if override or loaded.spec.max_concurrent:
         return int(override or loaded.spec.max_concurrent)  # type: ignore[arg-type]
-    res, have = loaded.spec.resources, ray.cluster_resources()
-    fits = math.floor(have.get("CPU", 1) / (res.cpu * res.workers))
-    if res.gpu > 0:
-        fits = min(fits, math.floor(have.get("GPU", 0) / (res.gpu * res.workers)))
-    return max(1, fits)
+    return concurrency_limit(loaded.spec.resources, capacity, total)
+
+
+def experiment_uri(storage: str, name: str) -> str:
+    """`storage`/`name` for a local path or a URI, keeping a URI's query (`?endpoint_override=...`) at the end."""
+    if "://" not in storage:
+        return os.path.join(storage, name)
+    parts = urlsplit(storage)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + name))
 
 
 def previous_runs(loaded: LoadedSpec, storage: str) -> list[str]:
-    """Experiment dirs of earlier runs of this sweep that Tune can restore, oldest first."""
-    if "://" in storage:
-        return []  # cloud storage: resume takes the newest run recorded in MLflow instead
-    pattern = os.path.join(storage, f"{glob.escape(loaded.spec.name)}-????????-??????")
-    return sorted(p for p in glob.glob(pattern) if tune.Tuner.can_restore(p))
+    """Experiment dirs (paths or URIs) of earlier runs of this sweep that Tune can restore, oldest first.
+
+    Listed through pyarrow's filesystem layer, the one Ray's own storage uses (`ray.train._internal.storage.
+    get_fs_and_path`), so s3://, gs://, file:// (with a URI's query, e.g. `?endpoint_override=`) and local paths
+    all work."""
+    try:
+        fs, root = pafs.FileSystem.from_uri(storage)
+        entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except (OSError, ValueError) as exc:  # pyarrow raises OSError for unreachable buckets, bad credentials
+        raise PreflightError(f"cannot list storage {storage}: {exc}") from None
+    run_name = re.compile(re.escape(loaded.spec.name) + r"-\d{8}-\d{6}")
+    names = sorted(e.base_name for e in entries
+                   if e.type == pafs.FileType.Directory and run_name.fullmatch(e.base_name))
+    return [experiment_uri(storage, n) for n in names
+            if tune.Tuner.can_restore(f"{root.rstrip('/')}/{n}", storage_filesystem=fs)]
 
 
 @contextmanager
@@ -199,7 +216,7 @@ def run_sweep(loaded: LoadedSpec, options: RunOptions) -> SweepOutcome:
         if not runs:
             raise PreflightError(f"nothing to resume: no earlier run of '{spec.name}' under {storage}")
         path = runs[-1]
-        name = os.path.basename(path)
+        name = os.path.basename(urlsplit(path).path if "://" in path else path)
         parent = tracker.find_sweep(name)
         if parent is None:
             raise PreflightError(f"{path} has no sweep run named '{name}' in MLflow experiment "
@@ -214,7 +231,7 @@ def run_sweep(loaded: LoadedSpec, options: RunOptions) -> SweepOutcome:
     else:
         name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         init_ray(options.address, options.ray_temp_dir)
-        check_resources(loaded)
+        capacity = check_resources(loaded)
         scheduler = None
         if isinstance(spec.scheduler, AshaConfig):
             scheduler = CellScheduler(spec.scheduler, spec.scheduler.max_t or spec.trainer.epochs, spec.metric,
@@ -230,7 +247,7 @@ def run_sweep(loaded: LoadedSpec, options: RunOptions) -> SweepOutcome:
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=searcher, scheduler=scheduler, num_samples=total,
-                max_concurrent_trials=concurrency(loaded, options.max_concurrent),
+                max_concurrent_trials=concurrency(loaded, options.max_concurrent, capacity, total),
                 # Measured here: 4.3 s -> 0.6 s per trial; safe because fit() keeps no state between trials.
                 reuse_actors=True, time_budget_s=spec.time_budget_s,
                 trial_dirname_creator=lambda trial: f"{trial.config['cell']}-{trial.trial_id}",
@@ -242,7 +259,7 @@ def run_sweep(loaded: LoadedSpec, options: RunOptions) -> SweepOutcome:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
         )
-    return _fit(tuner, tracker, name, total, start, os.path.join(storage, name))
+    return _fit(tuner, tracker, name, total, start, experiment_uri(storage, name))
 
 
 def _fit(tuner: tune.Tuner, tracker: SweepTracker, name: str, total: int, start: float,
