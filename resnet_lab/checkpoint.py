@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 STATE_FILE = "train_state.pt"
+
+
+def to_cpu(value: Any) -> Any:
+    """`value` with every tensor inside dicts, lists and tuples on the CPU (host tensors are not copied)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
 
 
 @dataclass
@@ -35,7 +46,9 @@ class TrainState:
         """Write the state into `directory` (created if needed) and return the file path."""
         path = Path(directory) / STATE_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(asdict(self), path)
+        # Each tensor goes straight to the host (no copy when it is there already): dataclasses.asdict deep-copied
+        # model, optimizer and best-model state on the GPU first, three extra copies in a packed trial's share.
+        torch.save({f.name: to_cpu(getattr(self, f.name)) for f in fields(self)}, path)
         return path
 
     @classmethod

@@ -412,4 +412,32 @@ def check_cells(spec: SweepSpec, cells: list[Cell]) -> list[tuple[str, str]]:
                                                        f"(got {spec.scheduler.grace_period})"))
     if spec.mode is not None and spec.mode != METRICS[spec.metric]:
         problems.append(("mode", f"{spec.metric} is better when {METRICS[spec.metric]}imised (got {spec.mode})"))
+    problems.extend(placement_problems(spec, cells))
+    return problems
+
+
+def placement_problems(spec: SweepSpec, cells: list[Cell]) -> list[tuple[str, str]]:
+    """GPU requests the trainer cannot honour: it trains on one GPU per process, and only on GPUs Ray assigned."""
+    res, problems = spec.resources, []
+    if res.workers > 1 and 0 < res.gpu < 1:
+        problems.append(("resources.gpu", f"a fraction packs several DDP workers of one trial onto one GPU, which "
+                                          f"NCCL refuses ('Duplicate GPU detected'); write gpu: 1 (one GPU per "
+                                          f"worker), or workers: 1 to pack single-worker trials (got {res.gpu:g} "
+                                          f"with workers: {res.workers})"))
+    if res.gpu > 1:
+        gpus = int(res.gpu) * res.workers
+        problems.append(("resources.gpu", f"each worker trains on one GPU, so the others would be reserved and "
+                                          f"idle; write gpu: 1 and workers: {gpus} to train data-parallel on {gpus} "
+                                          f"GPUs (got {res.gpu:g} with workers: {res.workers})"))
+    if res.gpu == 0:
+        for cell in cells:
+            if cell.base.trainer.device != "cuda":
+                continue
+            where = "trainer.device"
+            if "trainer.device" in cell.values:  # from the grid: point at the factor when it is a plain one
+                where = next((f"grid.{k}" for k in spec.grid if k in ("device", "trainer.device")), "grid")
+            problems.append((where, "'cuda' needs a GPU from Ray, but resources.gpu is 0 (a trial would use a GPU "
+                                    "nobody reserved for it); write resources.gpu: 1 (or 0.5 to pack two trials "
+                                    f"per GPU), or trainer.device: auto (got 'cuda', cell {cell.label})"))
+            break
     return problems

@@ -145,11 +145,14 @@ class TrainerConfig(StrictModel):
     label_smoothing: float | None = Field(None, ge=0.0, lt=1.0)
     dropout: float | None = Field(None, ge=0.0, lt=1.0)  # default dropout for models that do not set their own
     grad_clip: float | None = Field(None, gt=0.0, le=1e6)
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU Ray (or CUDA_VISIBLE_DEVICES) gives us
-    amp: bool = True  # bf16 autocast, CUDA only
+    # auto: under Ray, CUDA only when Ray assigned the trial GPUs (resources.gpu > 0); outside Ray, CUDA if visible
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # bf16 autocast on GPUs with native bf16 (Ampere on); float32 elsewhere
     channels_last: bool = True  # NHWC memory format (CUDA and CPU: oneDNN runs NHWC without reorders)
     compile: bool = False  # torch.compile the model (compile time is reported separately)
     threads: int | None = Field(None, gt=0, le=1024)  # torch intra-op threads; None leaves torch's default
+    # deterministic kernels and no cudnn.benchmark autotuning: same seed, same device -> the same numbers (slower)
+    deterministic: bool | None = None
 
     def resolved(self) -> ResolvedTrainer:
         """Fill every None from the recipe: the only place recipe defaults are applied."""
@@ -181,6 +184,7 @@ class ResolvedTrainer(StrictModel):
     channels_last: bool
     compile: bool
     threads: int | None = None
+    deterministic: bool
 
 
 # The reference study: Adam lr 1e-3, batch 64, ReduceLROnPlateau on val loss, early stopping, dropout.
@@ -190,12 +194,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper": dict(
         batch_size=64, optimizer="adam", lr=1e-3, momentum=0.9, nesterov=False, weight_decay=0.0,
         schedule="plateau", warmup_epochs=0.0, plateau_patience=3, plateau_factor=0.5,
-        early_stopping_patience=8, label_smoothing=0.0, dropout=0.3,
+        early_stopping_patience=8, label_smoothing=0.0, dropout=0.3, deterministic=False,
     ),
     "fast": dict(
         batch_size=512, optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
         schedule="onecycle", warmup_epochs=1.0, plateau_patience=3, plateau_factor=0.5,
-        early_stopping_patience=0, label_smoothing=0.1, dropout=0.0,
+        early_stopping_patience=0, label_smoothing=0.1, dropout=0.0, deterministic=False,
     ),
 }
 

@@ -14,7 +14,7 @@ from typing import Any
 from ray import tune
 
 from resnet_lab.spec import TrialConfig
-from resnet_lab.tune.trainable import trial_config
+from resnet_lab.tune.trainable import placement_of, trial_config
 
 # The driver function only waits on its workers; Tune refuses a zero-resource request, so ask for a little memory.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
@@ -25,7 +25,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from resnet_lab.checkpoint import TrainState  # torch: imported where training happens, not in the driver
-    from resnet_lab.trainer import fit
+    from resnet_lab.trainer import Placement, fit
 
     cfg: TrialConfig = trial_config(loop_config["base"], loop_config["config"], loop_config["cpus"])
     rank = ray.train.get_context().get_world_rank()
@@ -43,7 +43,13 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             epoch.state().save(directory)
             ray.train.report(dict(epoch.metrics), checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    fit(cfg, report, resume=resume)
+    # Ray Train gave this worker a GPU (ScalingConfig use_gpu) or none: a gpu-0 worker on a GPU node sees every GPU.
+    placement = Placement("cpu")
+    if placement_of(cfg.trainer.resolved(), loop_config["gpu"]).device != "cpu":
+        import ray.train.torch
+
+        placement = Placement(str(ray.train.torch.get_device()))  # this worker's own GPU (local rank)
+    fit(cfg, report, resume=resume, placement=placement)
 
 
 def train_trial_ddp(config: dict[str, Any], bases: dict[str, TrialConfig], workers: int, cpu: float, gpu: float,
@@ -57,7 +63,7 @@ def train_trial_ddp(config: dict[str, Any], bases: dict[str, TrialConfig], worke
     experiment = tune.get_context().get_experiment_name()
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": config, "base": bases[config["cell"]], "cpus": cpu},
+        train_loop_config={"config": config, "base": bases[config["cell"]], "cpus": cpu, "gpu": gpu},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu > 0,
                                                resources_per_worker={"CPU": cpu, "GPU": gpu}),
         run_config=ray.train.RunConfig(

@@ -6,13 +6,16 @@ import base64
 import functools
 import math
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
 
-from resnet_lab.spec import DatasetConfig, TrialConfig
+from resnet_lab.spec import DatasetConfig, ResolvedTrainer, TrialConfig
 from resnet_lab.spec.sweep import with_values
+
+if TYPE_CHECKING:  # torch is imported in trial processes only
+    from resnet_lab.trainer import Placement
 
 # Keys the searcher adds to a trial's config besides searched values.
 META_KEYS = ("cell", "stage", "seed")
@@ -32,6 +35,22 @@ def trial_config(base: TrialConfig, config: dict[str, Any], cpus: float | None =
     return TrialConfig.model_validate(merged)
 
 
+def placement_of(tc: ResolvedTrainer, gpu: float) -> Placement:
+    """The trainer's `Placement` from what Ray assigned this process: CUDA only with GPUs of its own.
+
+    Ray 2.60 leaves every GPU visible to a task or actor that asked for none (no CUDA_VISIBLE_DEVICES="" unless
+    RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1), so `torch.cuda.is_available()` would put every gpu-0 trial on cuda:0.
+    With GPUs assigned, Ray sets CUDA_VISIBLE_DEVICES to them, and "cuda" (the current device) is the first.
+    """
+    from resnet_lab.trainer import Placement
+
+    if tc.device == "cpu" or not ray.get_gpu_ids():
+        if tc.device == "cuda":  # the spec check refuses this before a sweep starts; a hand-built trial may not
+            raise RuntimeError("trainer.device is 'cuda' but Ray assigned this trial no GPU; set resources.gpu")
+        return Placement("cpu")
+    return Placement("cuda", gpu_fraction=min(gpu, 1.0))
+
+
 @functools.lru_cache(maxsize=2)
 def _cached_data(dataset: DatasetConfig, device: str) -> Any:
     """With reuse_actors, consecutive trials in one worker share the loaded dataset (seconds for CIFAR)."""
@@ -44,10 +63,11 @@ def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig]) -> None:
     """Run one trial; report every epoch with a checkpoint; continue from Tune's checkpoint when restored."""
     # torch-bearing imports stay inside: the driver imports this module too and never needs torch.
     from resnet_lab.checkpoint import TrainState
-    from resnet_lab.trainer import fit, select_device
+    from resnet_lab.trainer import fit
 
     resources = tune.get_context().get_trial_resources()
     cpus = resources.required_resources.get("CPU") if resources else None
+    gpus = resources.required_resources.get("GPU", 0.0) if resources else 0.0
     cfg = trial_config(bases[config["cell"]], config, cpus)
     resume = None
     checkpoint = tune.get_checkpoint()
@@ -68,5 +88,5 @@ def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig]) -> None:
             epoch.state().save(directory)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
-    device = select_device(cfg.trainer.resolved())
-    fit(cfg, report, resume=resume, data=_cached_data(cfg.dataset, str(device)))
+    placement = placement_of(cfg.trainer.resolved(), gpus)
+    fit(cfg, report, resume=resume, data=_cached_data(cfg.dataset, placement.device), placement=placement)
