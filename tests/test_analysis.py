@@ -242,3 +242,49 @@ def test_lesion_and_attribution_figures_are_drawn(tmp_path: Path) -> None:
     header, body = lesion_table(lesion_rows(cells))
     assert header == ["cell", "seeds", "intact", "mean drop", "worst", "-00", "-01"]
     assert body[1][5] == "n/a"
+
+
+# --- through a real sweep: Ray reports, the driver logs to MLflow ----------------------------------------------------
+
+SWEEP = """
+name: lesions
+experiment: lesions
+dataset: {name: synthetic, synthetic: {train_size: 256, test_size: 96, image_size: 16}}
+model: {name: resnet_cifar, depth: 20, width: 0.25}
+trainer: {epochs: 2, batch_size: 64, threads: 1}
+grid:
+  skip: [true, false]
+seeds: [0]
+max_concurrent: 2
+analysis: [lesion, attribution]
+"""
+
+
+@pytest.mark.slow
+def test_sweep_logs_analysis_metrics_and_the_map_figure_to_mlflow(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "lesions.yaml").write_text(SWEEP)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run([sys.executable, str(root / "sweep.py"), str(tmp_path / "lesions.yaml"), "--tracking-uri",
+                           uri, "--storage", str(tmp_path / "ray_results")], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lesions").experiment_id])
+    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(kids) == 2
+    for kid in kids:
+        metrics = kid.data.metrics
+        assert metrics["lesion/num_blocks"] == 9 and "lesion/block00.test_acc" in metrics
+        has_share = "attribution/block00.shortcut_share" in metrics
+        assert has_share == (kid.data.params["model.skip"] == "True")
+        assert "attribution_maps.png" in [a.path for a in client.list_artifacts(kid.info.run_id)]
+    # The figure's bytes went to MLflow, not into Ray's per-trial result logs.
+    results = list((tmp_path / "ray_results").rglob("result.json"))
+    assert results and all("attribution_maps.png" not in json.dumps(f.read_text()) for f in results)
