@@ -12,14 +12,15 @@ matplotlib.use("Agg")  # headless: figures are files, never windows
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 
-GRAD_PREFIX = "grad/"
-GRAD_RATIO = "grad/ratio_first_last"
+FLOW_PREFIX = "gradflow/"  # resnet_lab.gradflow's metric keys (plots import no torch, so the prefix is restated)
+FLOW_PHASES = ("init", "final")
 
 
-def grad_layers(metrics: Mapping[str, float]) -> list[tuple[str, float]]:
-    """(layer name, mean |grad|) from one epoch's metrics, input to output (keys are `grad/NNN.name`)."""
-    keys = sorted(k for k in metrics if k.startswith(GRAD_PREFIX) and k != GRAD_RATIO)
-    return [(k[len(GRAD_PREFIX):].split(".", 1)[1], float(metrics[k])) for k in keys]
+def block_profile(metrics: Mapping[str, float], phase: str) -> list[tuple[str, float]]:
+    """(block name, gradient norm at its output) from one run's metrics, input to output, at `phase`."""
+    prefix = f"{FLOW_PREFIX}{phase}/block/"
+    keys = sorted(k for k in metrics if k.startswith(prefix))
+    return [(k[len(prefix):].split(".", 1)[1], float(metrics[k])) for k in keys]
 
 
 # Fixed margins for the figures drawn per trial during a sweep: tight_layout is 55% of their CPU (profiled: 0.40 s
@@ -45,23 +46,40 @@ def learning_curves(history: Sequence[Mapping[str, float]], path: Path, title: s
     return _save(fig, path, tight=False)
 
 
-def gradient_flow(series: Mapping[str, Mapping[str, float]], path: Path, title: str = "",
-                  tight: bool = True) -> Path:
-    """Mean |grad| per weighted layer, input to output, log scale; one line per labelled run (skip on vs off).
-
-    `tight=False` (a trial's figure) uses fixed margins instead of tight_layout."""
-    fig, ax = plt.subplots(figsize=(10, 4))
-    for label, metrics in series.items():
-        layers = grad_layers(metrics)
-        if layers:
-            ax.plot(range(len(layers)), [g for _, g in layers], marker="o", markersize=3, label=label)
-    ax.set_yscale("log")
-    ax.set(xlabel="weighted layer (input -> output)", ylabel="mean |gradient|", title=title or "gradient flow")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+def gradient_flow(series: Mapping[str, Mapping[str, Sequence[Band]]], path: Path, *, dashed: Collection[str] = (),
+                  title: str = "", tight: bool = True) -> Path:
+    """Gradient norm at each block's output, input to output (log scale), one panel per phase (init, final): one
+    line per label with its band (geometric mean over seeds and its 95% interval); `dashed` labels (skip off)."""
+    phases = [ph for ph in FLOW_PHASES if any(ph in by_phase for by_phase in series.values())]
+    fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(6 * max(1, len(phases)), 4.5), squeeze=False)
+    for ax, phase in zip(axes[0], phases, strict=False):
+        for label, by_phase in series.items():
+            bands = by_phase.get(phase, ())
+            if not bands:
+                continue
+            xs = [b.x for b in bands]
+            line, = ax.plot(xs, [b.mean for b in bands], "--" if label in dashed else "-", marker="o",
+                            markersize=3, label=label)
+            ax.fill_between(xs, [b.low for b in bands], [b.high for b in bands], color=line.get_color(), alpha=0.15)
+        ax.set_yscale("log")
+        ax.set(xlabel="block (stem -> head)", ylabel="||dL/d(block output)|| per image",
+               title="at initialisation" if phase == "init" else "after training (tested weights)")
+        ax.grid(alpha=0.3, which="both")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "gradient flow: norm of the loss gradient at each block's output (eval mode, fixed batch)")
     if not tight:
         fig.subplots_adjust(**{k: v for k, v in TRIAL_MARGINS.items() if k != "wspace"})
     return _save(fig, path, tight=tight)
+
+
+def trial_gradient_flow(metrics: Mapping[str, float], path: Path, name: str) -> Path | None:
+    """One trial's block gradient profile at each phase measured so far (None when none was)."""
+    series = {name: {ph: [Band(i, v, v, v) for i, (_, v) in enumerate(block_profile(metrics, ph))]
+                     for ph in FLOW_PHASES}}
+    if not any(series[name].values()):
+        return None
+    return gradient_flow(series, path, title=f"{name}: gradient norm at each block's output", tight=False)
 
 
 class Band(NamedTuple):

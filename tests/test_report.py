@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -21,19 +22,22 @@ from resnet_lab import report
 from resnet_lab.report.summary import summarize
 from resnet_lab.spec import TrialConfig
 from resnet_lab.spec.load import load_spec
-from resnet_lab.spec.sweep import model_label
 from resnet_lab.tracking import TAG_CELL, TAG_ERROR, TAG_OUTCOME, TAG_RUNG, TAG_SEED, TAG_STAGE, TAG_STOPPED_BY
 from resnet_lab.tracking import SweepTracker as Tracker
 from resnet_lab.tracking.query import load_sweep
 from resnet_lab.trainer import fit
+from resnet_lab.tune.callbacks import trial_params
 
 ROOT = Path(__file__).resolve().parent.parent
 # Student t quantiles t_{0.975, df} from printed tables: the test does not share the report's scipy call.
 T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764}
 SKIP_ON, SKIP_OFF = "resnet8-w0.125", "resnet8-w0.125-noskip"
+# Cells of the seeded store: one seed of three diverged; every seed diverged.
+MIXED, DEAD = "mixed-noskip", "dead-noskip"
 FIGURES = ("accuracy_vs_depth.png", "gradient_flow.png", "learning_curves.png", "accuracy_vs_params.png")
 
-# A small real sweep: two cells (skip on/off), lr searched by TPE, ASHA stopping some, a confirm stage with 3 seeds.
+# A small real sweep: two cells (skip on/off), lr searched by TPE, ASHA stopping some, a confirm stage with 3
+# fresh seeds.
 SPEC = """
 name: rep
 experiment: rep
@@ -49,7 +53,7 @@ search:
   lr: {type: loguniform, low: 1.0e-4, high: 3.0e-2}
 samples_per_cell: 3
 seeds: [0]
-confirm: {seeds: [0, 1, 2]}
+confirm: {seeds: [1, 2, 3]}
 scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
 max_concurrent: 2
 reference: {resnet8-w0.125: 0.9}
@@ -144,10 +148,11 @@ def test_table_shows_mean_and_t_interval_over_confirm_seeds_recomputed_from_mlfl
     assert set(rows) == {SKIP_ON, SKIP_OFF}
     for cell in (SKIP_ON, SKIP_OFF):
         values = confirm_values(real, cell)
-        assert sorted(values) == [0, 1, 2]
+        assert sorted(values) == [1, 2, 3]
         row = rows[cell]
         assert row["val acc"] == shown(*by_hand([v for v, _ in values.values()]), 3)
         assert row["test acc"] == shown(*by_hand([t for _, t in values.values()]), 3)
+        assert row["runs in means"] == "3 of 3: 3 completed"
         assert row["stage"] == "confirm" and row["depth"] == "8" and row["block"] == "basic"
         assert row["skip"] == ("on" if cell == SKIP_ON else "off") and row["params"].endswith("k")
     assert rows[SKIP_ON]["reference"] == "90.0%" and rows[SKIP_OFF]["reference"] == "-"
@@ -159,22 +164,32 @@ def test_other_columns_match_the_runs(real: dict[str, Any]) -> None:
     client = real["client"]
     for cell in summary.cells:
         runs = [r for r in real["kids"] if r.data.tags[TAG_CELL] == cell.cell and r.data.tags[TAG_STAGE] == "confirm"]
-        times = [sum(m.value for m in client.get_metric_history(r.info.run_id, "epoch_time_s")) for r in runs]
+        times = [sum(m.value for m in client.get_metric_history(r.info.run_id, "train_time_s")) for r in runs]
         assert cell.train_time_s is not None and cell.train_time_s.mean == pytest.approx(statistics.mean(times))
-        ratios = [r.data.metrics["grad/ratio_first_last"] for r in runs]
-        assert cell.grad_ratio is not None and cell.grad_ratio.mean == pytest.approx(statistics.mean(ratios))
+        for phase in ("init", "final"):  # geometric mean over seeds of the logged first/last ratio
+            ratios = [r.data.metrics[f"gradflow/{phase}/first_last"] for r in runs]
+            flow = cell.flow[phase]
+            assert flow.first_last is not None
+            assert flow.first_last.mean == pytest.approx(math.exp(statistics.mean(math.log(x) for x in ratios)))
         assert cell.best_epoch is not None
         assert cell.best_epoch.mean == pytest.approx(statistics.mean(r.data.metrics["best_epoch"] for r in runs))
         assert cell.params == runs[0].data.metrics["params"]
 
 
 @pytest.mark.slow
-def test_skip_on_minus_off_is_paired_by_seed(real: dict[str, Any]) -> None:
+def test_skip_on_minus_off_is_paired_by_seed_in_percentage_points(real: dict[str, Any]) -> None:
     on, off = confirm_values(real, SKIP_ON), confirm_values(real, SKIP_OFF)
-    row = table(real["md"], "depth")["8"]
-    assert row["paired seeds"] == "0, 1, 2"
-    assert row["Δ test acc"] == shown(*by_hand([on[s][1] - off[s][1] for s in (0, 1, 2)]), 3, signed=True)
-    assert row["Δ val acc"] == shown(*by_hand([on[s][0] - off[s][0] for s in (0, 1, 2)]), 3, signed=True)
+    row = table(real["md"], "comparison")[f"{SKIP_ON} vs {SKIP_OFF}"]
+    diffs = [on[s][1] - off[s][1] for s in (1, 2, 3)]
+    mean, half = by_hand(diffs)
+    assert half is not None
+    assert row["paired seeds"] == "1, 2, 3" and row["kind"] == "skip on vs off"
+    low, high = 100 * (mean - half), 100 * (mean + half)
+    assert row["Δ test acc (95% CI)"] == f"{100 * mean:+.1f} pp [{low:+.1f}, {high:+.1f}]"
+    signs = [sum(sg * d for sg, d in zip(p, diffs, strict=True)) for p in itertools.product((1, -1), repeat=3)]
+    exact = sum(abs(x) >= abs(sum(diffs)) - 1e-12 for x in signs) / 8
+    assert float(row["p exact"]) == pytest.approx(exact, rel=1e-3)
+    assert "an exact paired test cannot reach p < 0.05 below n = 6" in real["md"] or exact < 0.05
 
 
 @pytest.mark.slow
@@ -211,6 +226,7 @@ def test_report_by_experiment_name_and_sweep_id_matches_the_spec_report(
     assert table(again, "cell") == table(real["md"], "cell")  # reference numbers come from the logged spec
     out = capsys.readouterr().out
     assert "best configuration per cell" in out and SKIP_OFF in out and f"report: {tmp_path / 'report.md'}" in out
+    assert "comparisons: a minus b, paired by seed" in out and "test accuracy" in out
 
 
 @pytest.mark.slow
@@ -239,20 +255,12 @@ def trial(skip: bool | None, seed: int, model: str = "resnet", **trainer: Any) -
         "model": model_cfg, "trainer": {"epochs": 3, "batch_size": 32, "threads": 1, **trainer}, "seed": seed})
 
 
-def params_of(cfg: TrialConfig, cell: str) -> dict[str, Any]:
-    """The params the sweep's tracking callback logs (short UI columns plus the whole flat config)."""
-    tc = cfg.trainer.resolved()
-    flat = {**cfg.to_flat(), **{f"trainer.{k}": v for k, v in tc.model_dump().items() if v is not None}}
-    return {"arch": model_label(cfg.model), "model": cfg.model.name, "depth": cfg.model.depth or "default",
-            "skip": cfg.model.skip if cfg.model.skip is not None else "n/a", "lr": tc.lr, "seed": cfg.seed,
-            "cell": cell, "stage": "search", **flat}
-
-
-def seed_run(tracker: Tracker, cfg: TrialConfig, cell: str, end: str, epochs: int | None = None) -> list[dict]:
+def seed_run(tracker: Tracker, cfg: TrialConfig, cell: str, end: str, epochs: int | None = None,
+             stage: str = "search") -> list[dict]:
     """One child run as the sweep would leave it: `end` is completed, diverged, asha or failed."""
     name = f"{cell}-lr{cfg.trainer.resolved().lr:.1e}-s{cfg.seed}"
-    run_id = tracker.start_trial(uuid.uuid4().hex[:8], name, params_of(cfg, cell),
-                                 {TAG_CELL: cell, TAG_STAGE: "search", TAG_SEED: str(cfg.seed)})
+    run_id = tracker.start_trial(uuid.uuid4().hex[:8], name, trial_params(cfg, {"cell": cell, "stage": stage}),
+                                 {TAG_CELL: cell, TAG_STAGE: stage, TAG_SEED: str(cfg.seed)})
     history: list[dict] = []
     if epochs != 0:
         fit(cfg, lambda epoch: history.append(dict(epoch.metrics)))
@@ -289,6 +297,12 @@ def odd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     off = seed_run(tracker, trial(False, 0, lr=1e-2), SKIP_OFF, "completed")
     seed_run(tracker, trial(False, 1, lr=1e-2), SKIP_OFF, "failed", epochs=1)
     seed_run(tracker, trial(None, 0, model="baseline_cnn", lr=1e-3), "baseline_cnn-w0.25", "failed", epochs=0)
+    # A confirm stage with a forced divergence in one of three seeds, and a cell whose every seed diverged.
+    hist["mixed"] = [seed_run(tracker, trial(False, seed, lr=1e-2), MIXED, "completed", stage="confirm")
+                     for seed in (1, 2)]
+    hist["mixed"].append(seed_run(tracker, trial(False, 3, **diverge), MIXED, "diverged", stage="confirm"))
+    hist["dead"] = [seed_run(tracker, trial(False, seed, **diverge), DEAD, "diverged", stage="confirm")
+                    for seed in (1, 2)]
     tracker.end_run(tracker.parent_id, "FINISHED")
     path = report.write_report(uri, "odd", None, None, tmp / "out", show=False)
     return {"uri": uri, "hist": hist, "off": off, "md": path.read_text(), "out": tmp / "out"}
@@ -300,33 +314,69 @@ def final_numbers(history: list[dict]) -> tuple[float, float]:
     return next(h["val/acc"] for h in history if int(h["epoch"]) == best), history[-1]["test/acc"]
 
 
-def test_best_search_configuration_wins_and_diverged_failed_stopped_runs_are_left_out(odd: dict[str, Any]) -> None:
-    means = {name: statistics.mean(final_numbers(h)[0] for h in runs) for name, runs in odd["hist"].items()}
+def test_best_search_configuration_wins_and_failed_and_stopped_runs_are_counted_not_averaged(
+        odd: dict[str, Any]) -> None:
+    means = {name: statistics.mean(final_numbers(h)[0] for h in odd["hist"][name]) for name in ("good", "slow")}
     winner = max(means, key=means.__getitem__)
     row = table(odd["md"], "cell")[SKIP_ON]
     assert row["stage"] == "search"
     assert row["configuration"] == f"{SKIP_ON}-lr{1e-2 if winner == 'good' else 1e-4:.1e}"
     assert row["val acc"] == shown(*by_hand([final_numbers(h)[0] for h in odd["hist"][winner]]), 2)
     assert row["test acc"] == shown(*by_hand([final_numbers(h)[1] for h in odd["hist"][winner]]), 2)
+    assert row["runs in means"] == "2 of 2: 2 completed"
     counts = table(odd["md"], "cell | trials")[SKIP_ON]
     assert (counts["trials"], counts["completed"], counts["diverged"], counts["ASHA-stopped"], counts["failed"]) == (
         "8", "4", "2", "1", "1")
 
 
+def test_a_diverged_seed_is_a_result_in_the_mean_and_its_failure_rate_is_shown(odd: dict[str, Any]) -> None:
+    runs = odd["hist"]["mixed"]
+    assert runs[2][-1]["diverged"] == 1.0
+    test_accs = [h[-1]["test/acc"] for h in runs]  # the diverged network's own test accuracy (about chance)
+    assert all(math.isfinite(a) for a in test_accs) and test_accs[2] < 0.5
+    row = table(odd["md"], "cell")[MIXED]
+    assert row["runs in means"] == "3 of 3: 2 completed, 1 diverged"
+    assert row["test acc"] == shown(*by_hand(test_accs), 3)
+    assert row["test acc, finished runs only"] == shown(*by_hand(test_accs[:2]), 2)
+    assert f"{MIXED}: 1 of 3 runs diverged" in odd["md"]
+
+
+def test_a_cell_whose_seeds_all_diverged_keeps_its_row_at_the_accuracy_it_scored(odd: dict[str, Any]) -> None:
+    row = table(odd["md"], "cell")[DEAD]
+    assert row["runs in means"] == "2 of 2: 2 diverged"
+    assert row["test acc"] == shown(*by_hand([h[-1]["test/acc"] for h in odd["hist"]["dead"]]), 2)
+    assert f"{DEAD}: 2 of 2 runs diverged" in odd["md"]
+    assert table(odd["md"], "cell | trials")[DEAD]["diverged"] == "2"
+
+
 def test_one_seed_says_so_instead_of_an_interval(odd: dict[str, Any]) -> None:
     row = table(odd["md"], "cell")[SKIP_OFF]
     assert row["test acc"] == shown(final_numbers(odd["off"])[1], None, 1)
-    assert row["note"] == "left out 1 of 2 seeds: 1 failed"
-    assert table(odd["md"], "depth")["8"]["paired seeds"] == "0"
-    assert "(n=1: no interval)" in table(odd["md"], "depth")["8"]["Δ test acc"]
+    assert row["runs in means"] == "1 of 2: 1 completed, 1 failed"
+    pair = table(odd["md"], "comparison")[f"{SKIP_ON} vs {SKIP_OFF}"]
+    assert pair["paired seeds"] == "0" and pair["p exact"] == "1"
+    assert "from a single pair of seeds; no interval and no test" in odd["md"]
 
 
-def test_a_cell_without_usable_runs_still_gets_a_row(odd: dict[str, Any]) -> None:
+def test_a_cell_without_results_still_gets_a_row(odd: dict[str, Any]) -> None:
     row = table(odd["md"], "cell")["baseline_cnn-w0.25"]
-    assert row["test acc"] == "-" and row["note"] == "no usable run (1 failed)"
+    assert row["test acc"] == "-" and row["runs in means"] == "0 of 1: 1 failed"
     assert row["depth"] == "-" and row["skip"] == "-"
     for name in FIGURES:
         assert (odd["out"] / name).stat().st_size > 10_000, name
+
+
+def test_renaming_runs_does_not_change_the_report(odd: dict[str, Any], tmp_path: Path) -> None:
+    client = MlflowClient(odd["uri"])
+    exp = client.get_experiment_by_name("odd")
+    for run in client.search_runs([exp.experiment_id], max_results=1000):
+        if run.data.tags.get("resnet_lab.role") == "trial":
+            client.set_tag(run.info.run_id, "mlflow.runName", f"renamed-{run.info.run_id[:6]}")
+    again = report.write_report(odd["uri"], "odd", None, None, tmp_path, show=False).read_text()
+    columns = ("runs in means", "val acc", "test acc", "stage")
+    before, after = table(odd["md"], "cell"), table(again, "cell")
+    assert {c: {k: r[k] for k in columns} for c, r in before.items()} == {
+        c: {k: r[k] for k in columns} for c, r in after.items()}
 
 
 def test_paper_spec_puts_the_reference_studys_numbers_beside_ours(tmp_path: Path) -> None:

@@ -14,26 +14,36 @@ from typing import TYPE_CHECKING, Any
 from resnet_lab import console
 
 if TYPE_CHECKING:
-    from resnet_lab.spec.sweep import SweepSpec
+    from resnet_lab.spec.sweep import ReportConfig, SweepSpec
     from resnet_lab.tracking.query import SweepRuns
 
 EXIT_NOT_FOUND, EXIT_USAGE = 1, 2
 ARTIFACT_DIR = "report"
 
 
-def _spec_reference(sweep: SweepRuns) -> dict[str, float]:
-    """`reference` of the spec the sweep logged (spec.yaml on the parent run), when a spec file was not given."""
-    import yaml
+def _logged_sections(sweep: SweepRuns) -> tuple[dict[str, float], ReportConfig]:
+    """`reference` and `report` of the spec the sweep logged (spec.yaml on the parent run), read with the spec's
+    own YAML rules and models; a missing or unreadable spec gives no reference and the default report section."""
+    from pydantic import ValidationError
+
+    from resnet_lab.spec.loader import SpecError, parse_yaml_text
+    from resnet_lab.spec.sweep import ReportConfig
 
     text = sweep.spec_text()
     try:
-        data = yaml.safe_load(text) if text else None
-    except yaml.YAMLError:
-        return {}
-    reference = data.get("reference") if isinstance(data, dict) else None
-    if not isinstance(reference, Mapping):
-        return {}
-    return {str(k): float(v) for k, v in reference.items() if isinstance(v, int | float)}
+        data = parse_yaml_text(text, "spec.yaml") if text else None
+    except SpecError:
+        data = None
+    if not isinstance(data, Mapping):
+        return {}, ReportConfig()
+    reference = data.get("reference")
+    references = {str(k): float(v) for k, v in reference.items()
+                  if isinstance(v, int | float) and not isinstance(v, bool)} if isinstance(reference, Mapping) else {}
+    try:
+        section = ReportConfig.model_validate(dict(data.get("report") or {}))
+    except (ValidationError, TypeError, ValueError):
+        section = ReportConfig()
+    return references, section
 
 
 def write_report(tracking_uri: str, experiment: str, parent_run_id: str | None = None,
@@ -50,7 +60,7 @@ def write_report(tracking_uri: str, experiment: str, parent_run_id: str | None =
 
     Raises `resnet_lab.tracking.query.SweepNotFound` when the experiment or sweep does not exist.
     """
-    from resnet_lab.report.render import ablation_rows, figures, markdown, pair_rows
+    from resnet_lab.report.render import ablation_rows, comparison_rows, figures, markdown
     from resnet_lab.report.summary import summarize
     from resnet_lab.tracking.query import TrackingError, load_sweep
 
@@ -58,8 +68,12 @@ def write_report(tracking_uri: str, experiment: str, parent_run_id: str | None =
     params = sweep.parent.params
     metric = params.get("metric") or (spec.metric if spec else "val/acc")
     mode = params.get("mode") or (spec.resolved_mode if spec else "max")
-    reference = dict(spec.reference) if spec is not None else _spec_reference(sweep)
-    summary = summarize(sweep, metric, mode, reference)
+    if spec is not None:
+        reference, section = dict(spec.reference), spec.report
+    else:
+        reference, section = _logged_sections(sweep)
+    summary = summarize(sweep, metric, mode, reference, baseline=section.baseline,
+                        compare_pairs=section.compare, target_acc=section.target_acc)
     out = (out_dir or Path("reports") / sweep.parent.name).absolute()
     out.mkdir(parents=True, exist_ok=True)
     pngs = figures(summary, out)
@@ -73,8 +87,11 @@ def write_report(tracking_uri: str, experiment: str, parent_run_id: str | None =
     if show:
         console.print_table(f"{sweep.parent.name}: best configuration per cell ({metric}, 95% CI over seeds)",
                             *ablation_rows(summary))
-        if summary.pairs:
-            console.print_table("skip on minus skip off, paired by seed", *pair_rows(summary))
+        if summary.comparisons:
+            console.print_table("comparisons: a minus b, paired by seed (pp; exact sign-flip p, Holm-adjusted)",
+                                *comparison_rows(summary))
+        for line in summary.conclusions:
+            console.info(line)
         console.info(f"report: {report} ({len(pngs)} figures){logged}")
     return report
 

@@ -9,19 +9,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from resnet_lab import plots
-from resnet_lab.report.stats import Estimate
+from resnet_lab.report.stats import Estimate, Ratio
 from resnet_lab.report.summary import CURVE_KEYS, CellSummary, Summary
 
 OUTCOME_COLUMNS = (("completed", "completed"), ("early_stopped", "early stopped"), ("asha", "ASHA-stopped"),
                    ("stopped", "stopped (other)"), ("diverged", "diverged"), ("failed", "failed"))
 FIGURES = {  # file -> caption
-    "accuracy_vs_depth.png": "Test accuracy vs depth, skip on (solid) vs off (dashed); bands: 95% CI over seeds; "
-                             "dotted: models without a depth knob.",
-    "gradient_flow.png": "Mean |gradient| per weighted layer, input to output (log scale), at the last epoch, "
-                         "mean over the chosen configuration's seeds: skip on vs off.",
+    "accuracy_vs_depth.png": "Test accuracy vs depth, skip on (solid) vs off (dashed); bands: 95% CI over seeds "
+                             "(diverged runs counted); dotted: models without a depth knob.",
+    "gradient_flow.png": "Norm of the loss gradient at each block's output (stem, blocks, head), per image, on a fixed "
+                         "batch of validation images in eval mode, at initialisation and on the tested weights; "
+                         "geometric mean over seeds with its 95% interval (log scale). Skip off dashed.",
     "learning_curves.png": "Learning curves of the best run of each cell (val solid, train dashed).",
     "accuracy_vs_params.png": "Test accuracy vs parameter count, 95% CI: parameter efficiency.",
 }
+KINDS = {"skip": "skip on vs off", "depth": "deeper vs shallower", "baseline": "vs baseline", "compare": "requested"}
 
 
 def fmt_count(n: float | None) -> str:
@@ -38,45 +40,76 @@ def _est(value: Estimate | None, pattern: str = "{:.1%}", show_n: bool = True, s
     return value.fmt(pattern, show_n, signed) if value is not None else "-"
 
 
-def _note(cell: CellSummary) -> str:
-    if not cell.excluded:
-        return ""
-    excluded = ", ".join(f"{n} {outcome}" for outcome, n in sorted(cell.excluded.items()))
-    if not cell.runs:
-        return f"no usable run ({excluded})"
-    total = len(cell.runs) + sum(cell.excluded.values())
-    return f"left out {sum(cell.excluded.values())} of {total} seeds: {excluded}"
+def runs_text(cell: CellSummary) -> str:
+    """`3 of 3: 2 completed, 1 diverged`: how many runs the means are over, and what became of the others."""
+    total = sum(cell.counts.values())
+    parts = ", ".join(f"{n} {OUTCOME_NAMES.get(k, k)}" for k, n in sorted(cell.counts.items()))
+    return f"{len(cell.runs)} of {total}: {parts}" if total else "none"
+
+
+OUTCOME_NAMES = dict(OUTCOME_COLUMNS)
 
 
 def ablation_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
     """Columns and rows of the ablation table."""
     with_ref = any(c.reference is not None for c in summary.cells)
-    columns = ["cell", "model", "depth", "block", "skip", "params", "configuration", "stage", "val acc",
-               "test acc", "best epoch", "train time", "grad first/last", *(["reference"] if with_ref else []),
-               "note"]
+    with_div = any(c.diverged for c in summary.cells)
+    columns = ["cell", "model", "depth", "block", "skip", "params", "configuration", "stage", "runs in means",
+               "val acc", "test acc", *(["test acc, finished runs only"] if with_div else []),
+               *(["reference"] if with_ref else [])]
     rows = []
     for c in summary.cells:
         skip = {True: "on", False: "off", None: "-"}[c.skip]
         row = [c.cell, c.model, str(c.depth) if c.depth is not None else "-", c.block, skip, fmt_count(c.params),
-               c.config, c.stage, _est(c.val), _est(c.test), _est(c.best_epoch, "{:.1f}", False),
-               _est(c.train_time_s, "{:.1f} s", False), _est(c.grad_ratio, "{:.3g}", False)]
+               c.config, c.stage, runs_text(c), _est(c.val), _est(c.test)]
+        if with_div:
+            row.append(_est(c.test_finished) if c.diverged else "same")
         if with_ref:
             row.append(f"{c.reference:.1%}" if c.reference is not None else "-")
-        rows.append([*row, _note(c)])
+        rows.append(row)
     return columns, rows
 
 
-def pair_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
-    """Columns and rows of the paired skip-on minus skip-off table."""
-    columns = ["depth", "skip on vs off", "Δ val acc", "Δ test acc", "paired seeds"]
-    rows = [[str(p.depth) if p.depth is not None else "-", f"{p.family} vs {p.family}-noskip",
-             _est(p.val, signed=True), _est(p.test, signed=True), ", ".join(map(str, p.seeds)) or "none"]
-            for p in summary.pairs]
+def _ratio(value: Ratio | None) -> str:
+    return value.fmt(show_n=False) if value is not None else "-"
+
+
+def dynamics_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    """Columns and rows of the training-dynamics table: convergence speed and gradient flow."""
+    target = f"{summary.target_acc:.1%}" if summary.target_acc is not None else "-"
+    columns = ["cell", "best epoch", f"epochs to {target} val", f"train s to {target} val", "never reached",
+               "train time", "grad first/last, init", "grad first/last, final"]
+    rows = []
+    for c in summary.cells:
+        epochs, seconds, never = c.to_target
+        init, final = c.flow.get("init"), c.flow.get("final")
+        rows.append([c.cell, _est(c.best_epoch, "{:.1f}", False), _est(epochs, "{:.1f}", False),
+                     _est(seconds, "{:.1f} s", False), f"{never} of {len(c.runs)}" if c.runs else "-",
+                     _est(c.train_time_s, "{:.1f} s", False), _ratio(init.first_last if init else None),
+                     _ratio(final.first_last if final else None)])
+    return columns, rows
+
+
+def _p(p: float | None) -> str:
+    return "-" if p is None else f"{p:.3g}"
+
+
+def comparison_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    """Columns and rows of the paired comparisons (a minus b, paired by seed)."""
+    columns = ["comparison", "kind", "Δ test acc (95% CI)", "p exact", "p Holm", "Δ train acc (95% CI)",
+               "p Holm (train)", "train s to target, ratio", "paired seeds"]
+    rows = []
+    for cmp in summary.comparisons:
+        diff = cmp.test.diff.fmt_pp(False) if cmp.test.diff else "-"
+        train = cmp.train.diff.fmt_pp(False) if cmp.train and cmp.train.diff else "-"
+        rows.append([cmp.title, KINDS[cmp.kind], diff, _p(cmp.test.p if cmp.test.n else None),
+                     _p(cmp.test_p_holm if cmp.test.n else None), train, _p(cmp.train_p_holm),
+                     _ratio(cmp.time_ratio), ", ".join(map(str, cmp.test.seeds)) or "none"])
     return columns, rows
 
 
 def run_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
-    """Columns and rows of the per-cell run counts by outcome."""
+    """Columns and rows of the per-cell run counts by outcome (every stage)."""
     known = {key for key, _ in OUTCOME_COLUMNS}
     rows = []
     for c in summary.cells:
@@ -94,29 +127,43 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 
 def markdown(summary: Summary, figures: Sequence[Path]) -> str:
-    """The report as Markdown: header, ablation table, paired differences, run counts, figures."""
+    """The report as Markdown: header, ablation table, comparisons and conclusions, dynamics, run counts, figures."""
     sweep, parent = summary.sweep, summary.sweep.parent
     out = [f"# {parent.name}", "",
            f"Experiment `{sweep.experiment_name}` (id {sweep.experiment_id}), parent run `{parent.run_id}` "
            f"({parent.status}), {len(sweep.runs)} trials; metric `{summary.metric}` ({summary.mode}); "
            f"tracking store `{sweep.uri}`; written {time.strftime('%Y-%m-%d %H:%M %Z')}.", "",
            "## Ablation", "", markdown_table(*ablation_rows(summary)), "",
-           "Per cell, the best configuration: the confirm stage's runs (all its seeds) when the sweep had one, else "
-           f"the searched configuration with the best mean `{summary.metric}` over its completed runs, with all its "
-           "seed repeats. Accuracies: mean ± half-width of the 95% confidence interval over seeds (Student t, "
-           "n seeds); one seed gives no interval. Val acc is taken at the epoch whose weights were tested "
-           "(best val loss when early stopping keeps them, else the last epoch). Best epoch: epoch of the lowest "
-           "val loss. Train time: sum of epoch times per run. Grad first/last: mean |gradient| of the first over "
-           "the last weighted layer at the last epoch. Diverged, failed and stopped runs are left out of the "
-           "means: the note counts those of the chosen configuration, the Runs table those of the whole cell."]
+           "Per cell, the best configuration: the confirm stage's runs (fresh seeds, full budget) when the sweep had "
+           f"one, else the searched configuration with the best mean `{summary.metric}`, with all its seed repeats. "
+           "Accuracies: mean ± half-width of the 95% Student-t interval over seeds; one seed gives no interval. "
+           "Every result counts: a diverged run at the accuracy its network scores (its weights are NaN, so about "
+           "chance), so a cell that often diverges shows it in its mean and in `runs in means`; runs that failed "
+           "(a crash) or were stopped are not results and are listed there, never averaged. Val acc is taken at the "
+           "epoch whose weights were tested (best val loss when early stopping keeps them, else the last epoch)."]
     if any(c.reference is not None for c in summary.cells):
         out += ["", "Reference: the published test accuracy of the reference study for this cell."]
-    out += ["", "## Skip connections: on minus off, paired by seed", ""]
-    if summary.pairs:
-        out += [markdown_table(*pair_rows(summary)), "",
-                "Mean of the per-seed differences with its 95% CI (Student t); n=1 gives no interval."]
+    out += ["", "## Comparisons, paired by seed", ""]
+    if summary.comparisons:
+        out += [markdown_table(*comparison_rows(summary)), "",
+                "a minus b over the seeds both have, in percentage points (pp), with the 95% Student-t interval of "
+                "the mean difference; p exact: two-sided exact sign-flip permutation test of the paired "
+                "differences (scipy `permutation_test`, all 2^n sign patterns); p Holm: Holm's step-down "
+                "adjustment across every test in this table (test and train accuracy). With n pairs the smallest "
+                "possible exact p is 2/2^n, so n < 6 can never reach p < 0.05. Train acc (depth comparisons): the "
+                "last epoch's training accuracy. Time ratio: geometric mean over seeds of a's over b's training "
+                "seconds (evaluation excluded) to the target val accuracy, interval on the log scale."]
     else:
-        out += ["No cell has a skip-off twin in this sweep."]
+        out += ["No comparison: no cell has a skip-off twin, a deeper or shallower twin, a `report.baseline` or "
+                "a `report.compare` pair."]
+    out += ["", "## Conclusions", "", *(f"- {line}" for line in summary.conclusions or ["Nothing to conclude."])]
+    out += ["", "## Training dynamics", "", markdown_table(*dynamics_rows(summary)), "",
+            f"Target val accuracy {summary.target_acc:.1%} ({summary.target_source}). "
+            if summary.target_acc is not None else "No target accuracy: no finished run. ",
+            "Epochs and training seconds (evaluation excluded) to the first epoch at or above it, mean over the "
+            "runs that reached it; `never reached` counts the others. Grad first/last: the gradient norm at the "
+            "stem's output over that at the last block's output (two feature maps; the head is left out), "
+            "geometric mean over seeds with its 95% interval; below 1 the gradient shrinks toward the input."]
     out += ["", "## Runs", "", markdown_table(*run_rows(summary)), "", "## Figures", ""]
     for path in figures:
         out += [f"![{path.stem}]({path.name})", "", FIGURES.get(path.name, ""), ""]
@@ -154,10 +201,11 @@ def figures(summary: Summary, out_dir: Path) -> list[Path]:
             dashed.add(label)
     if lines or levels:
         add("accuracy_vs_depth.png", lambda p: plots.accuracy_vs_depth(lines, levels, p, dashed=dashed))
-    grads = {c.cell: c.grads for c in cells if c.grads}
-    if grads:
+    flows = {c.cell: {phase: [plots.Band(i, r.mean, r.low, r.high) for i, (_, r) in enumerate(flow.blocks)]
+                      for phase, flow in c.flow.items()} for c in summary.cells if c.flow}
+    if flows:
         add("gradient_flow.png", lambda p: plots.gradient_flow(
-            grads, p, "gradient flow: mean |grad| per layer, last epoch (skip on vs off)"))
+            flows, p, dashed={c.cell for c in summary.cells if c.skip is False}))
     curves = {c.cell: summary.sweep.history(c.best_run.run_id, CURVE_KEYS) for c in summary.cells if c.best_run}
     if curves:
         add("learning_curves.png", lambda p: plots.learning_curves_by_run(curves, p))

@@ -37,7 +37,8 @@ from resnet_lab.tune.schedule import CellScheduler
 from resnet_lab.tune.trainable import ARTIFACTS_KEY, META_KEYS, RESUMED_KEY, trial_config
 
 log = logging.getLogger(__name__)
-TRAINER_SCALARS = ("epoch", "workers", "lr", "epoch_time_s", "throughput_img_s", "params", "best_epoch", "diverged")
+TRAINER_SCALARS = ("epoch", "workers", "lr", "epoch_time_s", "train_time_s", "eval_time_s", "throughput_img_s",
+                   "params", "num_classes", "best_epoch", "diverged")
 
 
 def our_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -194,14 +195,15 @@ class TrackingCallback(Callback):
         if resumed is not None and self._resumed.get(trial.trial_id) != resumed:  # a retry or --resume: say where from
             self._resumed[trial.trial_id] = resumed
             self.tracker.set_tags(run_id, {TAG_RESUMED_FROM: str(int(resumed))})
-        # Curves keep scalars only; of the per-layer gradients only the latest epoch is kept (the figure's data),
-        # so the state in Tune's experiment snapshots stays small. A repeated epoch replaces the old entries.
+        # Curves keep the scalars; the gradient-flow metrics (measured at init, after epoch 1 and at the end) keep
+        # their latest value each, so Tune's experiment snapshots stay small. A repeated epoch replaces the old entries.
         history = self.history.setdefault(trial.trial_id, [])
         while history and history[-1].get("epoch", 0) >= step:
             history.pop()
         history.append(
-            {k: v for k, v in metrics.items() if not k.startswith("grad/") or k == "grad/ratio_first_last"})
-        self.grads[trial.trial_id] = {k: v for k, v in metrics.items() if k.startswith("grad/")}
+            {k: v for k, v in metrics.items() if not k.startswith("gradflow/")})
+        self.grads.setdefault(trial.trial_id, {}).update(
+            {k: v for k, v in metrics.items() if k.startswith("gradflow/")})
         if self.view is not None:
             self.view.trial_update(trial.trial_id, run_name(trial.config), trial.config["cell"], metrics)
 

@@ -34,8 +34,9 @@ def render_trial_figures(directory: str, name: str, history: list[dict[str, floa
     from resnet_lab import plots  # matplotlib: only in the renderer process
 
     files = [plots.learning_curves(history, Path(directory) / "learning_curves.png", name)]
-    if grads:
-        files.append(plots.gradient_flow({name: grads}, Path(directory) / "gradient_flow.png", name, tight=False))
+    flow = plots.trial_gradient_flow(grads, Path(directory) / "gradient_flow.png", name) if grads else None
+    if flow is not None:
+        files.append(flow)
     return [str(f) for f in files]
 
 
