@@ -15,7 +15,7 @@ from pathlib import Path
 from resnet_lab import console
 from resnet_lab.spec.load import LoadedSpec, load_spec
 from resnet_lab.spec.loader import SpecError
-from resnet_lab.spec.sweep import AshaConfig, asha_rungs, configs_in, startup_configs, trials_in
+from resnet_lab.spec.sweep import AshaConfig, Cell, asha_rungs, configs_in, startup_configs, trials_in
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -51,9 +51,23 @@ def plan_lines(loaded: LoadedSpec) -> list[list[str]]:
         confirm = len(spec.confirm.seeds) if spec.confirm else 0
         searched = ", ".join(f"{p.split('.')[-1]}~{d.type}" for p, d in cell.search.items()) or "-"
         random_first = str(startup_configs(spec, cell)) if cell.search else "-"
-        rows.append([cell.label, searched, str(configs), random_first, str(len(spec.seeds)), str(confirm),
-                     str(trials), str(trials * spec.trainer.epochs)])
+        rows.append([cell.label, _size(cell), searched, str(configs), random_first, str(len(spec.seeds)),
+                     str(confirm), str(trials), str(trials * spec.trainer.epochs)])
     return rows
+
+
+def _size(cell: Cell) -> str:
+    """`306,218`, or for a `match_params` cell `305,994 (width 0.8804, matches resnet10-w0.25 -0.1%)`."""
+    from resnet_lab.models.matching import param_count  # the dry-run builds each model once (a few seconds)
+
+    try:
+        count = param_count(cell.base)
+    except (OSError, ValueError) as exc:  # an image folder not there yet: the plan still prints
+        return f"? ({exc})"
+    if cell.matched is None:
+        return f"{count:,}"
+    width, got, target = cell.matched
+    return f"{got:,} (width {width:g}, matches {cell.match_params} {100 * (got - target) / target:+.1f}%)"
 
 
 def print_plan(loaded: LoadedSpec) -> None:
@@ -61,10 +75,10 @@ def print_plan(loaded: LoadedSpec) -> None:
     spec = loaded.spec
     rows = plan_lines(loaded)
     console.print_table(f"sweep '{spec.name}' ({loaded.source}, spec {loaded.spec_hash})",
-                        ["cell", "searched", "configs", "random first", "seeds", "confirm", "trials", "max epochs"],
-                        rows)
-    total_trials = sum(int(r[6]) for r in rows)
-    total_epochs = sum(int(r[7]) for r in rows)
+                        ["cell", "parameters", "searched", "configs", "random first", "seeds", "confirm", "trials",
+                         "max epochs"], rows)
+    total_trials = sum(int(r[7]) for r in rows)
+    total_epochs = sum(int(r[8]) for r in rows)
     console.info(f"{len(rows)} cells, {total_trials} trials, at most {total_epochs} epochs "
                  f"({spec.trainer.epochs} per trial); metric {spec.metric} ({spec.resolved_mode})")
     if isinstance(spec.scheduler, AshaConfig):

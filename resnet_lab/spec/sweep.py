@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -12,6 +14,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from resnet_lab.spec.base import StrictModel
 from resnet_lab.spec.catalog import MODEL_CATALOG
+from resnet_lab.spec.loader import suggest
 from resnet_lab.spec.trial import AnalysisKind, DatasetConfig, ModelConfig, TrainerConfig, TrialConfig
 
 # --- search distributions ---------------------------------------------------------------------------------------
@@ -129,6 +132,17 @@ class Confirm(StrictModel):
         return seeds
 
 
+class ReportConfig(StrictModel):
+    """What the report compares: every cell against `baseline`, the pairs in `compare`, and convergence speed."""
+
+    baseline: str | None = None  # a cell label: every other cell is compared with it, paired by seed
+    # pairs [a, b] of cell labels reported as a minus b
+    compare: list[Annotated[list[str], Field(min_length=2, max_length=2)]] = Field(default_factory=list,
+                                                                                   max_length=100)
+    # val accuracy for "epochs and seconds to reach"; None: the lowest cell's mean best val accuracy (all reach it)
+    target_acc: float | None = Field(None, gt=0.0, lt=1.0)
+
+
 METRICS = {"val/acc": "max", "val/loss": "min", "train/acc": "max", "train/loss": "min"}
 
 # --- the spec ---------------------------------------------------------------------------------------------------
@@ -158,6 +172,7 @@ class SweepSpec(StrictModel):
     storage: str | None = None  # Ray's trial storage: a local dir (default ./ray_results) or s3:// gs:// URI
     max_failures: int = Field(2, ge=0, le=100)
     reference: dict[str, float] = Field(default_factory=dict)  # published accuracies by cell label, for reports
+    report: ReportConfig = ReportConfig()
     analysis: list[AnalysisKind] = Field(default_factory=list, max_length=2)  # every trial: lesion, attribution
 
     @field_validator("seeds")
@@ -242,6 +257,8 @@ class Cell:
     values: dict[str, Any]  # config path -> value, the grid factors that apply to this cell
     search: dict[str, Choice | Uniform | LogUniform | IntRange]  # config path -> distribution
     base: TrialConfig  # spec values + this cell's values (seed 0, searched values at their spec defaults)
+    match_params: str | None = None  # the cell label whose parameter count this cell's width is solved to
+    matched: tuple[float, int, int] | None = None  # (solved width, its parameter count, the target's), once solved
 
 
 def model_label(model: ModelConfig) -> str:
@@ -299,49 +316,187 @@ def spec_trial_dict(spec: SweepSpec) -> dict[str, Any]:
             "trainer": spec.trainer.model_dump(exclude_none=True), "seed": 0, "analysis": list(spec.analysis)}
 
 
+VARIANT_KEYS = ("label", "match_params")  # a mapping grid entry's own keys, besides the config fields it sets
+
+
+def variant_values(key: str, value: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config path -> value, variant keys) that one grid entry sets.
+
+    A plain entry sets its factor (`depth: 10` -> model.depth). A mapping entry sets several fields at once, so a
+    grid can hold variants with their own parameters: under `model` (or `dataset`, `trainer`) its keys are that
+    section's fields, under any other factor name they are factor names (`{depth: 20, lr: 0.1}`); `label` names
+    the cell and `match_params: <cell label>` solves the variant's width to that cell's parameter count.
+    """
+    if not isinstance(value, dict):
+        return {factor_path(key): value}, {}
+    meta = {k: value[k] for k in VARIANT_KEYS if k in value}
+    fields = {k: v for k, v in value.items() if k not in VARIANT_KEYS}
+    if key in _SECTIONS:
+        return {f"{key}.{k}": v for k, v in fields.items()}, meta
+    return {factor_path(k): v for k, v in fields.items()}, meta
+
+
+def variant_problems(spec: SweepSpec) -> list[tuple[str, str]]:
+    """Mapping grid entries with keys that name no field, or variant keys of the wrong type; (field, message)."""
+    problems: list[tuple[str, str]] = []
+    for key, entries in spec.grid.items():
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                continue
+            where = f"grid.{key}[{i}]"
+            if not entry:
+                problems.append((where, "a mapping entry must set at least one field (got {})"))
+            for sub, value in entry.items():
+                if sub in VARIANT_KEYS:
+                    if not isinstance(value, str) or not value:
+                        problems.append((f"{where}.{sub}", f"should be a cell label (a string) (got {value!r})"))
+                    elif sub == "label" and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", value):
+                        problems.append((f"{where}.{sub}", "should be 1 to 64 letters, digits or '_.+-', starting "
+                                                           f"with a letter or digit (got {value!r})"))
+                    continue
+                if key in _SECTIONS:
+                    known = [f for f in _SECTIONS[key].model_fields if f != "synthetic"]
+                    if sub not in known:
+                        problems.append((f"{where}.{sub}", f"'{sub}' is not a {key} field "
+                                                           f"(known: {', '.join(known)})"))
+                    continue
+                try:
+                    factor_path(sub)
+                except ValueError as exc:
+                    problems.append((f"{where}.{sub}", str(exc)))
+            if "match_params" in entry and key != "model":
+                problems.append((f"{where}.match_params", f"only an entry of the `model` factor can match parameter "
+                                                          f"counts (it solves model.width) (got it under '{key}')"))
+    return problems
+
+
 def expand_cells(spec: SweepSpec) -> list[Cell]:
     """Enumerate the grid; drop factors that do not apply to a cell's model and merge the duplicates.
 
     Raises ValueError naming the factor when a combination is invalid (e.g. a depth the model lacks).
     """
     base = spec_trial_dict(spec)
-    paths = {key: factor_path(key) for key in spec.grid}
     search = {factor_path(key): dist for key, dist in spec.search.items()}
     cells: list[Cell] = []
     seen: set[str] = set()
-    for combo in itertools.product(*spec.grid.values()):
-        values = dict(zip(paths.values(), combo, strict=True))
-        model_name = values.get("model.name", spec.model.name)
-        applicable = {p: v for p, v in values.items() if applies(p, model_name)}
-        config = _validated(with_values(base, applicable), applicable, "grid")
-        key = repr(sorted(applicable.items()))
+    indexed = [list(enumerate(values)) for values in spec.grid.values()]
+    for combo in itertools.product(*indexed):
+        values: dict[str, Any] = {}
+        chosen: dict[str, Any] = {}  # set by a mapping entry: always applies (a field it names must make sense)
+        meta: dict[str, Any] = {}
+        origin: dict[str, tuple[str, int]] = {}  # config path -> (grid key, entry index), to point errors at it
+        for key, (i, entry) in zip(spec.grid, combo, strict=True):
+            fields, entry_meta = variant_values(key, entry)
+            (chosen if isinstance(entry, dict) else values).update(fields)
+            meta.update(entry_meta)
+            origin.update(dict.fromkeys(fields, (key, i)))
+        model_name = chosen.get("model.name", values.get("model.name", spec.model.name))
+        applicable = {**{p: v for p, v in values.items() if applies(p, model_name)}, **chosen}
+        config = _validated(with_values(base, applicable), applicable, "grid", origin)
+        key = repr((sorted(applicable.items()), sorted(meta.items())))
         if key in seen:
             continue
         seen.add(key)
         cell_search = {p: d for p, d in search.items() if applies(p, model_name)}
-        cells.append(Cell(len(cells), cell_label(config, applicable), applicable, cell_search, config))
+        label = meta.get("label") or cell_label(config, applicable)
+        cells.append(Cell(len(cells), label, applicable, cell_search, config, meta.get("match_params")))
     labels = [c.label for c in cells]
     if len(set(labels)) != len(labels):  # two cells only differing in a value the label rounds away
-        cells = [Cell(c.index, f"{c.label}-c{c.index}", c.values, c.search, c.base) for c in cells]
+        cells = [dataclasses.replace(c, label=f"{c.label}-c{c.index}") for c in cells]
     return cells
+
+
+def match_problems(spec: SweepSpec, cells: list[Cell]) -> list[tuple[str, str]]:
+    """`match_params` that names no cell, itself, or another matched cell; (field, message)."""
+    labels = {c.label: c for c in cells}
+    entries = {e["match_params"]: f"grid.{k}[{i}].match_params" for k, es in spec.grid.items()
+               for i, e in enumerate(es) if isinstance(e, dict) and "match_params" in e}
+    problems = []
+    for cell in cells:
+        if cell.match_params is None:
+            continue
+        target = labels.get(cell.match_params)
+        where = entries.get(cell.match_params, "grid")
+        if target is None:
+            problems.append((where, f"cell {cell.label}: match_params '{cell.match_params}' is not a cell label"
+                                     f"{suggest(cell.match_params, labels)} (cells: {', '.join(labels)})"))
+        elif target is cell or target.match_params is not None:
+            problems.append((where, f"cell {cell.label}: match_params must name a cell with its own fixed size "
+                                     f"(got '{cell.match_params}')"))
+    return problems
+
+
+MATCH_TOLERANCE = 0.02  # a matched cell's parameter count is within 2% of its target's
+
+
+def resolve_matches(cells: list[Cell], count: Callable[[TrialConfig], int]) -> list[Cell]:
+    """Solve `model.width` of every `match_params` cell so its parameter count is within 2% of its target's.
+
+    `count` gives a config's parameter count (resnet_lab.models.matching.param_count builds the model); it is
+    passed in because the spec layer never imports torch. Parameter count grows monotonically with width (channel
+    counts are rounded), so a bisection on log(width) finds the closest width. Raises ValueError when no width
+    within the model's bounds comes within the tolerance.
+    """
+    labels = {c.label: c for c in cells}
+    out = []
+    for cell in cells:
+        if cell.match_params is None:
+            out.append(cell)
+            continue
+        target = count(labels[cell.match_params].base)
+        width, got = _solve_width(cell.base, target, count)
+        if abs(got - target) > MATCH_TOLERANCE * target:
+            raise ValueError(f"cell {cell.label}: no width in [{_MIN_WIDTH}, {_MAX_WIDTH}] gives within "
+                             f"{MATCH_TOLERANCE:.0%} of {cell.match_params}'s {target:,} parameters; the closest is "
+                             f"width {width:g} with {got:,}")
+        values = {**cell.values, "model.width": width}
+        base = cell.base.model_copy(update={"model": cell.base.model.model_copy(update={"width": width})})
+        out.append(dataclasses.replace(cell, values=values, base=base, matched=(width, got, target)))
+    return out
+
+
+_MIN_WIDTH, _MAX_WIDTH = 1 / 64, 16.0
+
+
+def _solve_width(base: TrialConfig, target: int, count: Callable[[TrialConfig], int]) -> tuple[float, int]:
+    def at(width: float) -> int:
+        return count(base.model_copy(update={"model": base.model.model_copy(update={"width": width})}))
+
+    lo, hi = math.log(_MIN_WIDTH), math.log(_MAX_WIDTH)
+    best = (_MAX_WIDTH, at(_MAX_WIDTH))
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        width = float(f"{math.exp(mid):.4g}")  # 4 significant digits: readable in labels and params
+        got = at(width)
+        if abs(got - target) < abs(best[1] - target):
+            best = (width, got)
+        if got < target:
+            lo = mid
+        else:
+            hi = mid
+    return best
 
 
 class CellError(ValueError):
     """A grid combination (or searched value) makes an invalid TrialConfig; `field` is the config path at fault."""
 
-    def __init__(self, message: str, values: dict[str, Any], field: str) -> None:
+    def __init__(self, message: str, values: dict[str, Any], field: str,
+                 item: tuple[str, int] | None = None) -> None:
         super().__init__(message)
-        self.values, self.field = values, field
+        self.values, self.field, self.item = values, field, item  # item: (grid key, entry index) at fault
 
 
-def _validated(config: dict[str, Any], values: dict[str, Any], section: str) -> TrialConfig:
+def _validated(config: dict[str, Any], values: dict[str, Any], section: str,
+               origin: dict[str, tuple[str, int]] | None = None) -> TrialConfig:
     try:
         return TrialConfig.model_validate(config)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         shown = ", ".join(f"{p}={v!r}" for p, v in values.items())
-        raise CellError(f"{section} combination {{{shown}}}: {where}: {_clean(err['msg'])}", values, where) from None
+        item = (origin or {}).get(where)
+        raise CellError(f"{section} combination {{{shown}}}: {where}: {_clean(err['msg'])}", values, where,
+                        item) from None
 
 
 def _clean(message: str) -> str:
@@ -403,6 +558,25 @@ def check_cells(spec: SweepSpec, cells: list[Cell]) -> list[tuple[str, str]]:
                                            f"are drawn at random before TPE (got {spec.search_startup})"))
     if spec.confirm is not None and not spec.search:
         problems.append(("confirm", "needs a `search` section: it re-runs each cell's best searched configuration"))
+    if spec.confirm is not None and set(spec.confirm.seeds) & set(spec.seeds):
+        both = sorted(set(spec.confirm.seeds) & set(spec.seeds))
+        fresh = list(range(max(spec.seeds) + 1, max(spec.seeds) + 1 + len(spec.confirm.seeds)))
+        problems.append(("confirm.seeds", f"seeds {both} also ran the search (seeds: {list(spec.seeds)}); a confirm "
+                                          "run with a search seed repeats the run that won the selection, so its "
+                                          "interval is biased upward: use seeds the search never saw, e.g. "
+                                          f"confirm.seeds: {fresh} (got {list(spec.confirm.seeds)})"))
+    labels = [c.label for c in cells]
+    if spec.report.baseline is not None and spec.report.baseline not in labels:
+        problems.append(("report.baseline", f"'{spec.report.baseline}' is not a cell label"
+                                            f"{suggest(spec.report.baseline, labels)} (cells: {', '.join(labels)})"))
+    for i, pair in enumerate(spec.report.compare):
+        for j, label in enumerate(pair):
+            if label not in labels:
+                problems.append((f"report.compare[{i}][{j}]", f"'{label}' is not a cell label"
+                                                              f"{suggest(label, labels)} (cells: {', '.join(labels)})"))
+        if pair[0] == pair[1]:
+            problems.append((f"report.compare[{i}]", f"compares a cell with itself (got {pair})"))
+    problems += match_problems(spec, cells)
     if isinstance(spec.scheduler, AshaConfig):
         max_t = spec.scheduler.max_t or spec.trainer.epochs
         if spec.scheduler.max_t is not None and max_t > spec.trainer.epochs:

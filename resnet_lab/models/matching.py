@@ -1,0 +1,39 @@
+"""Parameter counts of a trial's model without loading its data, for `match_params` (capacity-matched cells)."""
+
+from __future__ import annotations
+
+import functools
+
+from resnet_lab.models.registry import build_model, count_params
+from resnet_lab.spec import TrialConfig
+
+# (in_channels, num_classes) of the file datasets. Why a table here: loading a dataset to learn its shape would cost
+# seconds to minutes before a dry-run; these are fixed facts of the published datasets (torchvision's classes).
+_SHAPES = {"cifar10": (3, 10), "cifar100": (3, 100), "svhn": (3, 10), "fashion_mnist": (1, 10)}
+
+
+def data_shape(cfg: TrialConfig) -> tuple[int, int]:
+    """(in_channels, num_classes) the model of `cfg` is built with."""
+    ds = cfg.dataset
+    if ds.name == "synthetic":
+        return ds.synthetic.channels, ds.synthetic.num_classes
+    if ds.name in _SHAPES:
+        return _SHAPES[ds.name]
+    # A folder of images (class sub-folders): RGB, as many classes as the training folder has sub-folders.
+    from torchvision.datasets.folder import find_classes
+
+    root = ds.root_path()
+    train = root / "train" if (root / "train").is_dir() else root
+    return 3, len(find_classes(str(train))[0])
+
+
+def param_count(cfg: TrialConfig) -> int:
+    """Trainable parameters of the model `cfg` trains (its dataset's channels and classes)."""
+    in_channels, num_classes = data_shape(cfg)
+    kwargs = cfg.model.build_kwargs(cfg.trainer.resolved().dropout)
+    return _count(cfg.model.name, in_channels, num_classes, tuple(sorted(kwargs.items())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _count(name: str, in_channels: int, num_classes: int, kwargs: tuple[tuple[str, object], ...]) -> int:
+    return count_params(build_model(name, in_channels=in_channels, num_classes=num_classes, **dict(kwargs)))
