@@ -133,6 +133,21 @@ def read_raw(cfg: DatasetConfig) -> RawData:
     return read_source(cfg.name, cfg.root_path(), cfg.download)
 
 
+def select_classes(raw: RawData, classes: list[int], name: str) -> RawData:
+    """Only the images of `classes`, relabelled 0..k-1 in the listed order (`dataset.classes`)."""
+    unknown = [c for c in classes if c >= raw.num_classes]
+    if unknown:
+        raise ValueError(f"dataset.classes: {name} has classes 0-{raw.num_classes - 1}; no class {unknown[0]}")
+    lookup = torch.full((raw.num_classes,), -1, dtype=torch.int64)
+    lookup[torch.tensor(classes)] = torch.arange(len(classes))
+    splits = []
+    for images, labels in ((raw.train_images, raw.train_labels), (raw.test_images, raw.test_labels)):
+        new = lookup[labels]
+        keep = (new >= 0).nonzero().squeeze(1)
+        splits += [images.index_select(0, keep), new.index_select(0, keep)]
+    return RawData(*splits, num_classes=len(classes))
+
+
 def prepare_data(cfg: DatasetConfig) -> None:
     """Fetch or unpack the dataset's files once, e.g. in a sweep's driver before trials start in parallel."""
     if not cfg.has_files:
@@ -147,6 +162,8 @@ def load_data(cfg: DatasetConfig, device: torch.device | str = "cpu") -> DataSpl
     leaves no training or validation image.
     """
     raw = read_raw(cfg)
+    if cfg.classes is not None:
+        raw = select_classes(raw, cfg.classes, cfg.name)
     train_idx, val_idx = split_indices(raw.train_labels.shape[0], cfg)
     device = torch.device(device)
     train = (raw.train_images.index_select(0, train_idx).to(device), raw.train_labels[train_idx].to(device))

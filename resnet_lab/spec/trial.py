@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, Strict, ValidationInfo, field_validator, model_validator
 
 from resnet_lab.spec.base import StrictModel
 from resnet_lab.spec.catalog import MODEL_CATALOG
@@ -56,12 +56,18 @@ class DatasetConfig(StrictModel):
     synthetic: SyntheticConfig = SyntheticConfig()
     # image_folder only: side of the square images (shorter side resized to it, then center-cropped); None -> 224
     image_size: int | None = Field(None, ge=16, le=1024)
+    # keep only these classes, relabelled 0..k-1 in this order (e.g. [5, 6, 7, 8, 9] for a transfer target)
+    # (a tuple, so the config stays hashable for the per-worker data cache; YAML lists are accepted)
+    classes: tuple[Annotated[int, Strict(), Field(ge=0)], ...] | None = Field(None, min_length=2, max_length=100_000,
+                                                                               strict=False)
 
     @model_validator(mode="after")
     def _folder_fields(self) -> DatasetConfig:
         if self.name == "image_folder" and self.root is None:
             raise ValueError("dataset.root is required for image_folder: a directory holding train/ and val/ "
                              "(or test/), each with one sub-folder of images per class")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"dataset.classes lists a class twice (got {self.classes})")
         if self.name != "image_folder" and self.image_size is not None:
             raise ValueError(f"dataset.image_size applies to image_folder only ({self.name} has a fixed size; "
                              "synthetic data takes dataset.synthetic.image_size)")
@@ -92,6 +98,24 @@ class ModelConfig(StrictModel):
     skip: bool | None = None  # residual models only; False is He et al.'s plain-net ablation
     dropout: float | None = Field(None, ge=0.0, lt=1.0)  # None -> the recipe's dropout
     stem: Literal["cifar", "imagenet"] | None = None  # resnet: 3x3 for 32 px, or torchvision's 7x7/2 + max-pool
+    # Transfer (resnet_lab.transfer): start from a checkpoint's weights; "{seed}" in the path is the trial's seed.
+    init: str | None = Field(None, min_length=1)  # a directory holding train_state.pt (or the file itself)
+    head: Literal["reset", "keep"] | None = None  # None/reset: a new classifier (`fc`) for the new classes
+    freeze: Literal["stem"] | Annotated[int, Field(ge=1, le=8)] | None = None  # the stem, or stem + first N stages
+
+    @field_validator("init")
+    @classmethod
+    def _absolute_init(cls, init: str | None) -> str | None:
+        # Absolute now, in the driver: Ray runs each trial in its own working directory.
+        return None if init is None else str(Path(init).expanduser().absolute())
+
+    @model_validator(mode="after")
+    def _transfer_fields(self) -> ModelConfig:
+        if self.init is None and (self.freeze is not None or self.head is not None):
+            raise ValueError("model.freeze and model.head apply with model.init (a checkpoint to start from)")
+        if self.freeze is not None and not MODEL_CATALOG[self.name].residual:
+            raise ValueError(f"model.freeze needs a model with a stem and stages (resnet family), not '{self.name}'")
+        return self
 
     @field_validator("name")
     @classmethod
