@@ -36,6 +36,28 @@ def _count(n: int) -> str:
     return f"{n:,}" if n < 10**15 else f"{n:.2e}"
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def grid_value_problems(spec: SweepSpec) -> list[tuple[str, str]]:
+    """Grid entries must be single values, or mappings of single values (a variant setting several fields).
+
+    A list in a grid (`model: [[], resnet]`, found by tests/test_spec_fuzz.py) reached cell expansion and raised
+    TypeError (unhashable) instead of an error naming the entry.
+    """
+    problems: list[tuple[str, str]] = []
+    for key, entries in spec.grid.items():
+        for i, entry in enumerate(entries):
+            if isinstance(entry, dict):
+                problems += [(f"grid.{key}[{i}].{sub}", f"a variant's field takes one value, not a "
+                                                        f"{'mapping' if isinstance(v, dict) else 'list'} (got {v!r})")
+                             for sub, v in entry.items() if not isinstance(v, _SCALARS)]
+            elif not isinstance(entry, _SCALARS):
+                problems.append((f"grid.{key}[{i}]", f"a grid entry is one value (or a mapping of fields for a "
+                                                     f"variant), not a list (got {entry!r})"))
+    return problems
+
+
 def size_problems(spec: SweepSpec) -> list[tuple[str, str]]:
     """Cells and trials the spec would plan, from the factor counts (before any cell is built), against the caps.
 
