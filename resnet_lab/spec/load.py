@@ -41,6 +41,8 @@ from resnet_lab.spec.sweep import (
     expand_cells,
     factor_names,
     factor_path,
+    resolve_matches,
+    variant_problems,
 )
 
 _TAGGED: dict[str, type[BaseModel]] = {"choice": Choice, "uniform": Uniform, "loguniform": LogUniform,
@@ -251,6 +253,7 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> LoadedSpec:
     problems += [_located(path, [path], message, data, overridden) for path, message in size_problems(spec)]
     problems += [_located(field, _parts(field), message, data, overridden)
                  for field, message in grid_value_problems(spec)]
+    problems += [_located(field, _parts(field), message, data, overridden) for field, message in variant_problems(spec)]
     if problems:
         raise _grouped(source, problems)
     try:
@@ -263,9 +266,26 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> LoadedSpec:
         problems.append(_located(field, _parts(field), message, data, overridden))
     if problems:
         raise _grouped(source, problems)
+    cells = _matched(spec, cells, data, overridden, source)
     warnings = _grouped(source, [_located(field, _parts(field), message, data, overridden)
                                  for field, message in findings.warnings])
     return LoadedSpec(spec, source, cells, data, tuple(str(warnings).splitlines()) if warnings.issues else ())
+
+
+def _matched(spec: SweepSpec, cells: list[Cell], data: LineDict, overridden: dict[str, str],
+             source: str) -> list[Cell]:
+    """Cells with `match_params` get their width solved (this builds models: torch is imported only here, and
+    only for a spec that asks for it, so other specs still fail or plan in about a second)."""
+    if not any(c.match_params for c in cells):
+        return cells
+    from resnet_lab.models.matching import param_count  # the one place the spec layer reaches for torch
+
+    try:
+        return resolve_matches(cells, param_count)
+    except ValueError as exc:
+        where = next((["grid", k, i, "match_params"] for k, entries in spec.grid.items()
+                      for i, e in enumerate(entries) if isinstance(e, dict) and "match_params" in e), ["grid"])
+        raise _grouped(source, [_located("grid", where, str(exc), data, overridden)]) from None
 
 
 def _parts(field: str) -> list[Any]:
@@ -277,6 +297,11 @@ def _parts(field: str) -> list[Any]:
 
 def _grid_item(spec: SweepSpec, exc: CellError) -> list[Any]:
     """Where a bad grid combination is best pointed at: the grid value the failing field came from, else `grid`."""
+    if exc.item is not None:
+        key, index = exc.item
+        entry = spec.grid[key][index]
+        sub = exc.field.split(".", 1)[-1] if key in ("model", "dataset", "trainer") else exc.field.split(".")[-1]
+        return ["grid", key, index, sub] if isinstance(entry, dict) and sub in entry else ["grid", key, index]
     for key, values in spec.grid.items():
         if factor_path(key) == exc.field and exc.field in exc.values:
             return ["grid", key, values.index(exc.values[exc.field])]
