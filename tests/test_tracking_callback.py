@@ -20,7 +20,7 @@ from ray.tune.experiment import Trial
 from resnet_lab.spec.load import load_spec
 from resnet_lab.spec.sweep import Cell
 from resnet_lab.tracking import SweepTracker
-from resnet_lab.tune import figures
+from resnet_lab.tune import callbacks, figures
 from resnet_lab.tune.callbacks import TrackingCallback
 from resnet_lab.tune.checkpoints import CheckpointPruner
 from resnet_lab.tune.figures import FigureRenderer, wait_for_spare_cpu
@@ -162,6 +162,13 @@ def test_waiting_for_a_spare_core_ends_when_one_is_idle_or_when_told_to_stop() -
 def test_trial_figures_wait_for_a_spare_core_and_are_all_drawn_when_the_sweep_ends(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(figures, "SPARE_CORES", 1e6)  # a machine whose cores are always busy with trials
+    waiting = threading.Event()  # set once the figure thread is inside the real wait for a spare core
+
+    def wait_for_spare_cpu_and_say_so(stop: threading.Event, *args: object, **kwargs: object) -> None:
+        waiting.set()
+        wait_for_spare_cpu(stop, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(callbacks, "wait_for_spare_cpu", wait_for_spare_cpu_and_say_so)
     uri, tracker, cells = new_sweep(tmp_path)
     (cell,) = cells
     callback = TrackingCallback(tracker, cells, None)
@@ -173,9 +180,10 @@ def test_trial_figures_wait_for_a_spare_core_and_are_all_drawn_when_the_sweep_en
         callback.on_trial_complete(4, trials, trial)
     client = MlflowClient(uri)
     run_ids = [callback.runs[t.trial_id] for t in trials]
-    time.sleep(1.5)
+    assert waiting.wait(timeout=60), "the figure thread never started waiting for a spare core"
     assert all(client.get_run(r).info.status == "FINISHED" for r in run_ids)  # the record does not wait
-    assert [client.list_artifacts(r) for r in run_ids] == [[], [], []]  # the figures do
+    # The figures do: their thread is in a wait no machine can end (1e6 idle cores) until the sweep ends.
+    assert [client.list_artifacts(r) for r in run_ids] == [[], [], []]
     callback.on_experiment_end(trials)
     for r in run_ids:
         assert sorted(a.path for a in client.list_artifacts(r)) == ["gradient_flow.png", "learning_curves.png"]
@@ -188,19 +196,26 @@ def test_checkpoint_pruner_deletes_only_what_a_snapshot_taken_long_enough_ago_ha
         (path / "state.pt").write_bytes(b"x" * 100)
         return Checkpoint.from_directory(str(path))
 
+    # No sleeps: prune(now) is given the times at which the rule must and must not delete (monotonic clock).
+    safe_s = 60.0
     trial = Trial("train_trial", config={}, trial_id="t0001", stub=True)
-    pruner = pickle.loads(pickle.dumps(CheckpointPruner(safe_after_s=0.3)))  # as Tune hands it back
+    pruner = pickle.loads(pickle.dumps(CheckpointPruner(safe_after_s=safe_s)))  # as Tune hands it back
     c1, c2, c3 = checkpoint(1), checkpoint(2), checkpoint(3)
     pruner.on_checkpoint(1, [trial], trial, c1)
     pruner.on_checkpoint(2, [trial], trial, c2)
-    assert pruner.deleted == 0  # no snapshot yet: the saved state may still point at c1
+    pruner.prune(time.monotonic() + 10 * safe_s)
+    assert pruner.deleted == 0  # no snapshot yet: the saved state may still point at c1, however long ago
     assert pruner.get_state() is None  # a snapshot starts: it points at c2, so c1 is superseded from now on
+    first_snapshot = time.monotonic()  # c1 was superseded at or before this
     pruner.on_checkpoint(3, [trial], trial, c3)
+    pruner.prune(first_snapshot + safe_s - 1.0)
     assert Path(c1.path).exists()  # too soon: that snapshot may not have reached storage
-    time.sleep(0.35)
-    pruner.get_state()  # c1 goes; c2 is superseded from now on
+    second_snapshot = time.monotonic()  # c2 is superseded at or after this
+    pruner.get_state()  # a second snapshot: it points at c3, so c2 is superseded from now on
+    pruner.prune(first_snapshot + safe_s)  # safe_s after the first snapshot, less than that after the second
     assert not Path(c1.path).exists() and Path(c2.path).exists() and Path(c3.path).exists()
-    time.sleep(0.35)
-    pruner.prune()
+    pruner.prune(second_snapshot + safe_s - 1.0)
+    assert Path(c2.path).exists()
+    pruner.prune(time.monotonic() + safe_s)
     assert not Path(c2.path).exists() and Path(c3.path).exists()  # the newest always stays
     assert pruner.deleted == 2
