@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from resnet_lab.checkpoint import TrainState
+from resnet_lab.data import Augment, DeviceLoader
 from resnet_lab.spec import TrialConfig
 from resnet_lab.trainer import EpochMetrics, Placement, bf16_supported, derive_seed, fit
 
@@ -134,6 +135,24 @@ def test_resume_across_device_types(tmp_path: Path, first: str, then: str) -> No
     resumed: list[EpochMetrics] = []
     result = fit(config(epochs=4, device=then), resumed.append, resume=state)
     assert result.status == "completed" and [e.epoch for e in resumed] == [3, 4]
+
+
+@gpu
+def test_data_order_and_augmentation_are_the_same_on_cpu_and_cuda() -> None:
+    # CPU generators on every device: a checkpoint's generator state gives the same epoch on any node.
+    images = torch.randint(0, 256, (300, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(300) % 10
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.2, 0.2])
+
+    def epoch(device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loader = DeviceLoader(images.to(device), labels.to(device), 64, mean=mean, std=std, shuffle=True,
+                              augment=Augment(crop=True, flip=True), order_generator=torch.Generator().manual_seed(1),
+                              augment_generator=torch.Generator().manual_seed(2))
+        return [(x.cpu(), y.cpu()) for x, y in loader]
+
+    for (x_cpu, y_cpu), (x_cuda, y_cuda) in zip(epoch("cpu"), epoch("cuda"), strict=True):
+        assert torch.equal(y_cpu, y_cuda)
+        torch.testing.assert_close(x_cpu, x_cuda)
 
 
 @gpu
