@@ -201,3 +201,12 @@ def test_value_rules_across_fields(tmp_path: Path) -> None:
         edge, ("time_budget_s=.inf",))
     assert "reference.resnet18: is an accuracy as a fraction between 0 and 1 (got -0.5)" in errors_of(
         edge, ("reference.resnet18=-0.5",))
+
+
+def test_grid_size_is_counted_from_factor_lengths_before_expansion(tmp_path: Path) -> None:
+    # A mapping entry (a variant) counts as one value of its factor: 2 variants x 600 lrs = 1,200 cells > 1,000.
+    lrs = ", ".join(f"{(i + 1) * 1e-5:.5f}" for i in range(600))
+    spec = write(tmp_path, f"name: s\ngrid:\n  model: [{{name: resnet, depth: 10}}, {{name: baseline_cnn}}]\n"
+                           f"  lr: [{lrs}]\n")
+    assert ("spec.yaml:2: grid: 2 factors make 1,200 cells (model 2 x lr 600); at most 1,000 are allowed"
+            in errors_of(spec))
