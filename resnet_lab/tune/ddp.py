@@ -14,7 +14,7 @@ from typing import Any
 from ray import tune
 
 from resnet_lab.spec import TrialConfig
-from resnet_lab.tune.trainable import placement_of, trial_config
+from resnet_lab.tune.trainable import RESUMED_KEY, placement_of, trial_config
 
 # The driver function only waits on its workers; Tune refuses a zero-resource request, so ask for a little memory.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
@@ -36,12 +36,15 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             resume = TrainState.load(directory)
 
     def report(epoch: Any) -> None:
+        metrics = dict(epoch.metrics)
+        if resume is not None:  # as single-worker trials: the record says from which epoch this run continued
+            metrics[RESUMED_KEY] = resume.epoch
         if rank != 0:  # every worker reports (Train waits for all); rank 0 alone writes the checkpoint
-            ray.train.report(dict(epoch.metrics))
+            ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
             epoch.state().save(directory)
-            ray.train.report(dict(epoch.metrics), checkpoint=ray.train.Checkpoint.from_directory(directory))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     # Ray Train gave this worker a GPU (ScalingConfig use_gpu) or none: a gpu-0 worker on a GPU node sees every GPU.
     placement = Placement("cpu")
@@ -68,6 +71,11 @@ def train_trial_ddp(config: dict[str, Any], bases: dict[str, TrialConfig], worke
                                                resources_per_worker={"CPU": cpu, "GPU": gpu}),
         run_config=ray.train.RunConfig(
             name=f"{experiment}-ddp-{trial_id}", storage_path=storage, callbacks=[TuneReportCallback()],
+            # Train's own checkpoints (Tune only sees their path), so not CheckpointPruner's: Train V2's checkpoint
+            # manager writes the snapshot naming the new checkpoint before it deletes the old one
+            # (`_save_state_and_delete_old_checkpoints`, Ray 2.60), so keeping one is safe where Tune's
+            # num_to_keep=1 was not. A worker lost mid-trial fails this run; Tune retries the trial (max_failures)
+            # and the TorchTrainer of the same name resumes from that snapshot's checkpoint.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
