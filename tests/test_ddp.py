@@ -41,7 +41,6 @@ import datetime, json, sys
 import torch
 from resnet_lab.spec import TrialConfig
 from resnet_lab.trainer import fit
-from resnet_lab.trainer import fit
 torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
 rank = torch.distributed.get_rank()
 cfg = TrialConfig.model_validate(json.loads(sys.argv[1]))
