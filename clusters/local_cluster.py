@@ -37,9 +37,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 NODE_IP = "127.0.0.2"
 STATE_FILE = "cluster.json"
+AUTOSCALING_FILE = "autoscaling.json"
 TOKEN_FILE = "auth_token"
 DEFAULT_ROOT = Path(tempfile.gettempdir()) / "resnet-lab-cluster"
 # Ray's unix sockets live under <temp-dir>/session_<date>_<pid>/sockets/...: about 70 characters below the root,
@@ -215,7 +217,8 @@ def _wait_started(proc: subprocess.Popen[bytes], node: Node, timeout_s: float) -
     raise ClusterError(f"{node.role}: not up after {timeout_s:.0f} s; its log ({node.log}) ends:\n{_tail(node.log)}")
 
 
-def start_node(role: str, args: list[str], root: Path, timeout_s: float) -> Node:
+def start_node(role: str, args: list[str], root: Path, timeout_s: float,
+               extra_env: dict[str, str] | None = None) -> Node:
     """Run `ray start <args> --block` as the leader of a new session and wait until the node is up."""
     temp_dir = root / role
     shutil.rmtree(temp_dir, ignore_errors=True)  # a stopped cluster's logs would confuse node_of_pid()
@@ -224,7 +227,8 @@ def start_node(role: str, args: list[str], root: Path, timeout_s: float) -> Node
     begin = time.perf_counter()
     with open(log, "wb") as out:
         proc = subprocess.Popen([*ray_cli(), "start", *args, f"--temp-dir={temp_dir}", "--block"],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=node_env(root),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env={**node_env(root), **(extra_env or {})},
                                 start_new_session=True)
     node = Node(role, proc.pid, str(temp_dir), str(log))
     try:
@@ -241,13 +245,8 @@ def _common_args(cpus: int, object_store_bytes: int) -> list[str]:
             f"--object-store-memory={object_store_bytes}", f"--dashboard-agent-listen-port={free_port()}"]
 
 
-def start(root: Path | str | None = None, workers: int = 1, cpus_per_node: int = 1, timeout_s: float = 120.0,
-          object_store_bytes: int = OBJECT_STORE_BYTES) -> LocalCluster:
-    """Start a head and `workers` worker nodes on 127.0.0.2, each with `cpus_per_node` CPUs and its own temp dir.
-
-    root must be short (Ray's socket paths live below it); it is created if missing, and must not hold a running
-    cluster. On any failure the nodes already started are stopped before the error propagates.
-    """
+def _check_root(root: Path | str | None) -> Path:
+    """The absolute root, created; refused when too long for Ray's sockets or still holding a cluster."""
     root = Path(root or DEFAULT_ROOT).absolute()
     if len(str(root)) > MAX_ROOT_CHARS:
         raise ClusterError(f"cluster root {root} is {len(str(root))} characters; Ray's unix sockets under it would "
@@ -256,6 +255,17 @@ def start(root: Path | str | None = None, workers: int = 1, cpus_per_node: int =
         raise ClusterError(f"a cluster started under {root} is still recorded ({root / STATE_FILE}); stop it first: "
                            f"python clusters/local_cluster.py down --root {root}")
     root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def start(root: Path | str | None = None, workers: int = 1, cpus_per_node: int = 1, timeout_s: float = 120.0,
+          object_store_bytes: int = OBJECT_STORE_BYTES) -> LocalCluster:
+    """Start a head and `workers` worker nodes on 127.0.0.2, each with `cpus_per_node` CPUs and its own temp dir.
+
+    root must be short (Ray's socket paths live below it); it is created if missing, and must not hold a running
+    cluster. On any failure the nodes already started are stopped before the error propagates.
+    """
+    root = _check_root(root)
     write_token(root)
     port = free_port()
     begin = time.perf_counter()
@@ -275,6 +285,111 @@ def start(root: Path | str | None = None, workers: int = 1, cpus_per_node: int =
     cluster.startup_s = time.perf_counter() - begin
     cluster.save()
     return cluster
+
+
+def autoscaling_config(address: str, head_cpus: int, worker_types: dict[str, dict[str, Any]], max_workers: int,
+                       idle_timeout_minutes: float = 5.0) -> dict[str, Any]:
+    """A cluster launcher config for Ray's `fake_multinode` provider: the real autoscaler (Ray's monitor), which
+    launches worker nodes as local processes with the resources each node type declares (`GPU` included).
+
+    worker_types: name -> {"resources": {"CPU": 4, "GPU": 1}, "max_workers": 2} (min_workers defaults to 0).
+    Keys follow Ray's fake_multi_node/example.yaml (not shipped in the wheel); the head type needs max_workers 0.
+    """
+    types: dict[str, dict[str, Any]] = {
+        "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0}}
+    for name, kind in worker_types.items():
+        resources = {"object_store_memory": OBJECT_STORE_BYTES, **kind["resources"]}
+        types[name] = {"resources": resources, "node_config": {}, "min_workers": kind.get("min_workers", 0),
+                       "max_workers": kind["max_workers"]}
+    return {
+        "cluster_name": "resnet-lab-fake", "max_workers": max_workers, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_minutes,
+        # One node per launch request whatever its count (the provider's default, as in Ray's v1 tests): the
+        # autoscaler asks again for what is still missing. launch_multiple starts them together, and on 2 busy
+        # cores their start-ups timed out ("Failed to get node info ... Deadline Exceeded").
+        "provider": {"type": "fake_multinode", "gcs_address": address, "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "available_node_types": types, "head_node_type": "ray.head.default", "auth": {}, "docker": {},
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {},
+        "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    }
+
+
+def start_autoscaling(root: Path | str, worker_types: dict[str, dict[str, Any]], head_cpus: int = 0,
+                      max_workers: int | None = None, idle_timeout_minutes: float = 5.0,
+                      timeout_s: float = 120.0) -> LocalCluster:
+    """A head on 127.0.0.2 with `head_cpus` CPUs and Ray's autoscaler, which adds worker nodes of `worker_types`
+    (from 0) while trials wait for resources, as on a cloud cluster; no worker node at the start.
+
+    The autoscaler's worker nodes are processes it forks (raylet, agents, trial workers): they run in the head's
+    session and log under the head's temp dir, so `stop()` and `node_of_pid()` cover them through the head.
+    `scaling_events()` reads the autoscaler's log for when it added or removed which node.
+    """
+    root = _check_root(root)
+    write_token(root)
+    port = free_port()
+    address = f"{NODE_IP}:{port}"
+    cap = max_workers if max_workers is not None else sum(k["max_workers"] for k in worker_types.values())
+    config = root / AUTOSCALING_FILE
+    config.write_text(json.dumps(autoscaling_config(address, head_cpus, worker_types, cap, idle_timeout_minutes)))
+    begin = time.perf_counter()
+    cluster = LocalCluster(address, str(root))
+    # RAY_FAKE_CLUSTER lets the fake provider load; the autoscaler updates every second instead of every 5 s.
+    extra_env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    try:
+        cluster.nodes.append(start_node(
+            "head", ["--head", f"--port={port}", f"--ray-client-server-port={free_port()}",
+                     "--include-dashboard=false", "--disable-usage-stats", f"--autoscaling-config={config}",
+                     *_common_args(head_cpus, OBJECT_STORE_BYTES)], root, timeout_s, extra_env))
+    except BaseException:
+        stop(cluster)
+        raise
+    cluster.startup_s = time.perf_counter() - begin
+    cluster.save()
+    return cluster
+
+
+# What the autoscaler logs in monitor.log (autoscaler/_private/node_launcher.py, autoscaler.py), each line with a
+# timestamp: "NodeLauncher0: Got 2 nodes to launch.", then "... Launching 2 nodes, type gpu_worker." once the
+# provider has created them or "... Failed to launch {} node(s) of type gpu_worker." (a node whose start timed out
+# may still join later), and "StandardAutoscaler: Terminating the node with id ... (reason)".
+EVENT_RE = re.compile(
+    r"^(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+).*?(?:"
+    r"Got (?P<request>\d+) nodes to launch\.|"
+    r"Launching (?P<count>\d+) nodes, type (?P<type>[\w.-]+)\.|"
+    r"Failed to launch \S+ node\(s\) of type (?P<failed>[\w.-]+)\.|"
+    r"Terminating the node with id (?P<node>\S+) .*?\((?P<why>.*)\))$", re.M)
+
+
+@dataclass(frozen=True)
+class ScalingEvent:
+    """One step of the autoscaler, from its log."""
+
+    time: str  # as the autoscaler logged it (local time, milliseconds)
+    action: str  # "request", "launch", "launch failed" or "terminate"
+    count: int
+    detail: str  # the node type, or the reason for terminating
+
+
+def scaling_events(cluster: LocalCluster) -> list[ScalingEvent]:
+    """What the autoscaler of an autoscaling cluster has requested, launched and terminated so far, in order."""
+    head = cluster.nodes[0]
+    found: list[ScalingEvent] = []
+    for session in sorted(Path(head.temp_dir).glob("session_*")):
+        log = session / "logs" / "monitor.log"
+        if session.is_symlink() or not log.exists():  # session_latest points at the same session
+            continue
+        for m in EVENT_RE.finditer(log.read_text(errors="replace")):
+            if m["request"]:
+                found.append(ScalingEvent(m["time"], "request", int(m["request"]), ""))
+            elif m["count"]:
+                found.append(ScalingEvent(m["time"], "launch", int(m["count"]), m["type"]))
+            elif m["failed"]:
+                found.append(ScalingEvent(m["time"], "launch failed", 0, m["failed"]))
+            else:
+                found.append(ScalingEvent(m["time"], "terminate", 1, m["why"]))
+    return found
 
 
 # --- stop ---------------------------------------------------------------------------------------------------------
@@ -336,13 +451,22 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start a head and worker nodes on 127.0.0.2")
     up.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (default 1)")
     up.add_argument("--cpus", type=int, default=1, help="CPUs each node advertises (default 1)")
+    up.add_argument("--autoscale", type=int, metavar="MAX", default=0,
+                    help="instead: a head with 0 CPUs and Ray's autoscaler adding up to MAX worker nodes while trials "
+                         "wait (fake_multinode provider), each with --cpus CPUs and --gpus declared GPUs")
+    up.add_argument("--gpus", type=int, default=1, help="GPUs each autoscaled worker declares (default 1; not real: "
+                                                       "train with device: cpu)")
     down = sub.add_parser("down", help="stop the nodes `up` started, by PID")
     for p in (up, down):
         p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"nodes' temp dirs (default {DEFAULT_ROOT})")
     args = parser.parse_args(argv)
     if args.command == "up":
         try:
-            cluster = start(args.root, args.workers, args.cpus)
+            if args.autoscale:
+                worker = {"resources": {"CPU": args.cpus, "GPU": args.gpus}, "max_workers": args.autoscale}
+                cluster = start_autoscaling(args.root, {"gpu_worker": worker})
+            else:
+                cluster = start(args.root, args.workers, args.cpus)
         except ClusterError as exc:
             print(exc, file=sys.stderr)
             return 1

@@ -135,7 +135,12 @@ def concurrency(loaded: LoadedSpec, override: int | None, capacity: Capacity, to
     """Trials at once: the option, else the spec, else as many as the cluster can grow to hold."""
     if override or loaded.spec.max_concurrent:
         return int(override or loaded.spec.max_concurrent)  # type: ignore[arg-type]
-    return concurrency_limit(loaded.spec.resources, capacity, total)
+    limit = concurrency_limit(loaded.spec.resources, capacity, total)
+    if capacity.autoscaling and not capacity.launchable:
+        console.info(f"note: {limit} trial(s) at once, what the live nodes hold: the autoscaler's node types are not "
+                     "readable from here, so set max_concurrent in the spec (or --max-concurrent) to what the full "
+                     "cluster holds, or it will not grow")
+    return limit
 
 
 def experiment_uri(storage: str, name: str) -> str:
