@@ -155,7 +155,7 @@ def test_dry_run_prints_plan_and_starts_nothing(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "sweep.py"), str(ROOT / "sweeps" / "depth_ablation.yaml"),
                            "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "6 cells, 66 trials, at most 2640 epochs" in proc.stdout
+    assert "6 cells, 84 trials, at most 3360 epochs" in proc.stdout
     assert "rungs at epochs [4, 12, 36]" in proc.stdout
     assert list(tmp_path.iterdir()) == []
 
@@ -175,10 +175,11 @@ def test_a_reference_for_a_cell_a_set_removed_is_a_warning_printed_with_the_plan
     proc = subprocess.run([*cmd, "--set", "grid.model=[resnet]"], capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    warning = (f"warning: {paper}:19: reference.baseline_cnn: no cell is labelled 'baseline_cnn', so the report cannot "
+    warning = (f"warning: {paper}:21: reference.baseline_cnn: no cell is labelled 'baseline_cnn', so the report cannot "
                "show it (cells: resnet18); a --set changed the grid")
     assert warning in proc.stdout.splitlines()
-    assert proc.stdout.index(warning) < proc.stdout.index("1 cells, 3 trials")  # printed with the plan
+    assert proc.stdout.index(warning) < proc.stdout.index("1 cells, 6 trials")  # printed with the plan
+    assert f"warning: {paper}:19: report.baseline: 'baseline_cnn' is not a cell label" in proc.stdout
     plain = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert plain.returncode == 0 and "warning" not in plain.stdout  # the shipped spec's references all match
     assert list(tmp_path.iterdir()) == []

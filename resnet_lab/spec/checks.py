@@ -99,7 +99,29 @@ def check_spec_values(spec: SweepSpec, cells: list[Cell], grid_overridden: bool 
     errors, warnings = _reference_problems(reference, [c.label for c in cells], grid_overridden)
     found.errors += errors
     found.warnings += warnings
+    errors, warnings = _report_problems(spec, [c.label for c in cells], grid_overridden)
+    found.errors += errors
+    found.warnings += warnings
     return found
+
+
+def _report_problems(spec: SweepSpec, labels: list[str],
+                     grid_overridden: bool) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """`report.baseline` and `report.compare` name cells the sweep has (a warning when a --set changed the grid)."""
+    named = [("report.baseline", spec.report.baseline)] if spec.report.baseline is not None else []
+    named += [(f"report.compare[{i}][{j}]", label) for i, pair in enumerate(spec.report.compare)
+              for j, label in enumerate(pair)]
+    errors: list[tuple[str, str]] = []
+    warnings: list[tuple[str, str]] = []
+    for path, label in named:
+        if label in labels:
+            continue
+        message = f"'{label}' is not a cell label{suggest(label, labels)} (cells: {', '.join(labels[:10])})"
+        (warnings if grid_overridden else errors).append(
+            (path, message + ("; a --set changed the grid" if grid_overridden else "")))
+    errors += [(f"report.compare[{i}]", f"compares a cell with itself (got {pair})")
+               for i, pair in enumerate(spec.report.compare) if pair[0] == pair[1]]
+    return errors, warnings
 
 
 def _warmup_problems(spec: SweepSpec, cells: Iterable[Cell]) -> list[tuple[str, str]]:

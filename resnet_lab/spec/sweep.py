@@ -357,7 +357,7 @@ def variant_problems(spec: SweepSpec) -> list[tuple[str, str]]:
                 if key in _SECTIONS:
                     known = [f for f in _SECTIONS[key].model_fields if f != "synthetic"]
                     if sub not in known:
-                        problems.append((f"{where}.{sub}", f"'{sub}' is not a {key} field "
+                        problems.append((f"{where}.{sub}", f"'{sub}' is not a {key} field{suggest(sub, known)} "
                                                            f"(known: {', '.join(known)})"))
                     continue
                 try:
@@ -398,7 +398,10 @@ def expand_cells(spec: SweepSpec) -> list[Cell]:
             continue
         seen.add(key)
         cell_search = {p: d for p, d in search.items() if applies(p, model_name)}
-        label = meta.get("label") or cell_label(config, applicable)
+        # A matched cell's width is solved later: its label leaves the (placeholder) width out.
+        shown = config.model_copy(update={"model": config.model.model_copy(update={"width": None})}) \
+            if "match_params" in meta else config
+        label = meta.get("label") or cell_label(shown, applicable)
         cells.append(Cell(len(cells), label, applicable, cell_search, config, meta.get("match_params")))
     labels = [c.label for c in cells]
     if len(set(labels)) != len(labels):  # two cells only differing in a value the label rounds away
@@ -565,17 +568,6 @@ def check_cells(spec: SweepSpec, cells: list[Cell]) -> list[tuple[str, str]]:
                                           "run with a search seed repeats the run that won the selection, so its "
                                           "interval is biased upward: use seeds the search never saw, e.g. "
                                           f"confirm.seeds: {fresh} (got {list(spec.confirm.seeds)})"))
-    labels = [c.label for c in cells]
-    if spec.report.baseline is not None and spec.report.baseline not in labels:
-        problems.append(("report.baseline", f"'{spec.report.baseline}' is not a cell label"
-                                            f"{suggest(spec.report.baseline, labels)} (cells: {', '.join(labels)})"))
-    for i, pair in enumerate(spec.report.compare):
-        for j, label in enumerate(pair):
-            if label not in labels:
-                problems.append((f"report.compare[{i}][{j}]", f"'{label}' is not a cell label"
-                                                              f"{suggest(label, labels)} (cells: {', '.join(labels)})"))
-        if pair[0] == pair[1]:
-            problems.append((f"report.compare[{i}]", f"compares a cell with itself (got {pair})"))
     problems += match_problems(spec, cells)
     if isinstance(spec.scheduler, AshaConfig):
         max_t = spec.scheduler.max_t or spec.trainer.epochs
