@@ -93,6 +93,7 @@ class CellSummary:
     best_run: TrialRun | None  # the chosen configuration's run with the best metric (for learning curves)
     flow: dict[str, Flow]  # phase -> gradient flow (init, epoch1, final)
     to_target: tuple[Estimate | None, Estimate | None, int] = (None, None, 0)  # epochs, seconds, runs never there
+    configs: int = 1  # configurations of the stage the numbers come from (more than one: chosen among them)
 
     @property
     def family(self) -> str:
@@ -309,7 +310,8 @@ def summarize_cell(sweep: SweepRuns, cell: str, runs: Sequence[TrialRun], metric
         test_finished=estimate(lambda v: v.test_acc, finished), train_acc=estimate(lambda v: v.train_acc),
         best_epoch=estimate(lambda v: v.best_epoch, finished),
         train_time_s=estimate(lambda v: v.train_time_s, finished), params=sizes[0] if sizes else None,
-        reference=reference.get(cell), best_run=best.run if best else None, flow=flows)
+        reference=reference.get(cell), best_run=best.run if best else None, flow=flows,
+        configs=len({config_key(r) for r in runs if values and r.stage == group[0].stage}))
 
 
 def with_target(cell: CellSummary, target: float) -> CellSummary:
@@ -404,6 +406,10 @@ def conclusions(cells: Sequence[CellSummary], comparisons: Sequence[Comparison])
     """The sentences under the tables: each says only what its interval and adjusted p-value support."""
     out = []
     for c in cells:
+        if c.stage == "search" and c.configs > 1:
+            out.append(f"{c.cell}: chosen among {c.configs} searched configurations on these same runs' validation "
+                       "metric (no confirm stage), so its val accuracy is biased upward; its test accuracy is not. "
+                       "A `confirm` stage with fresh seeds removes the bias.")
         results = len(c.runs)
         if c.diverged:
             out.append(f"{c.cell}: {c.diverged} of {results} runs diverged; they count in its accuracy at what the "
