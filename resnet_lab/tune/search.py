@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +40,14 @@ def optuna_distribution(dist: Choice | Uniform | LogUniform | IntRange) -> optun
     return optuna.distributions.FloatDistribution(dist.low, dist.high, log=isinstance(dist, LogUniform))
 
 
-def study_seed(base_seed: int, cell_label: str) -> int:
-    """A per-cell sampler seed that is stable across processes (unlike hash())."""
-    return (base_seed * 1_000_003 + zlib.crc32(cell_label.encode())) % 2**31
+def study_seed(base_seed: int) -> int:
+    """The sampler seed of every cell's study: the same for all cells (common random numbers).
+
+    With one seed for all cells, the random start-up offers every cell the same configurations (for the same
+    search space), so a difference between cells is not the luck of a better draw; TPE then adapts to each cell's
+    own results.
+    """
+    return (base_seed * 1_000_003 + 12_345) % 2**31
 
 
 @dataclass
@@ -93,7 +97,7 @@ class CellSearcher(Searcher):
 
     def _new_study(self, cell: Cell, seed: int) -> optuna.Study:
         # constant_liar: concurrent TPE trials of one cell avoid proposing the same point (Optuna >= 2.8).
-        sampler = optuna.samplers.TPESampler(seed=study_seed(seed, cell.label), constant_liar=True,
+        sampler = optuna.samplers.TPESampler(seed=study_seed(seed), constant_liar=True,
                                              n_startup_trials=self._startup[cell.label])
         return optuna.create_study(direction=self._direction, sampler=sampler, study_name=cell.label)
 
