@@ -15,6 +15,12 @@ _SHAPES = {"cifar10": (3, 10), "cifar100": (3, 100), "svhn": (3, 10), "fashion_m
 def data_shape(cfg: TrialConfig) -> tuple[int, int]:
     """(in_channels, num_classes) the model of `cfg` is built with."""
     ds = cfg.dataset
+    channels, classes = _all_classes(cfg)
+    return channels, len(ds.classes) if getattr(ds, "classes", None) else classes
+
+
+def _all_classes(cfg: TrialConfig) -> tuple[int, int]:
+    ds = cfg.dataset
     if ds.name == "synthetic":
         return ds.synthetic.channels, ds.synthetic.num_classes
     if ds.name in _SHAPES:

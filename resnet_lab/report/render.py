@@ -22,6 +22,8 @@ FIGURES = {  # file -> caption
                          "geometric mean over seeds with its 95% interval (log scale). Skip off dashed.",
     "learning_curves.png": "Learning curves of the best run of each cell (val solid, train dashed).",
     "accuracy_vs_params.png": "Test accuracy vs parameter count, 95% CI: parameter efficiency.",
+    "lesion.png": "Test accuracy with one block deleted, per block, skip on (solid) vs off (dashed); bands: seeds.",
+    "attribution_shares.png": "Shortcut share of each block's attribution, skip on vs off; bands: seeds.",
 }
 KINDS = {"skip": "skip on vs off", "depth": "deeper vs shallower", "baseline": "vs baseline", "compare": "requested"}
 
@@ -164,10 +166,38 @@ def markdown(summary: Summary, figures: Sequence[Path]) -> str:
             "runs that reached it; `never reached` counts the others. Grad first/last: the gradient norm at the "
             "stem's output over that at the last block's output (two feature maps; the head is left out), "
             "geometric mean over seeds with its 95% interval; below 1 the gradient shrinks toward the input."]
+    out += analysis_sections(summary)
     out += ["", "## Runs", "", markdown_table(*run_rows(summary)), "", "## Figures", ""]
     for path in figures:
         out += [f"![{path.stem}]({path.name})", "", FIGURES.get(path.name, ""), ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def final_metrics(summary: Summary) -> dict[str, list[dict[str, float]]]:
+    """Cell -> the final metrics of each finished run of its chosen configuration (the analyses' input)."""
+    return {c.cell: [dict(v.run.metrics) for v in c.runs if v.outcome != "diverged"] for c in summary.cells if c.runs}
+
+
+def analysis_sections(summary: Summary) -> list[str]:
+    """The lesion and attribution tables (`analysis: [lesion, attribution]`), when the runs logged them."""
+    from resnet_lab.report import analysis
+
+    runs = final_metrics(summary)
+    out: list[str] = []
+    lesions = [r for r in analysis.lesion_rows(runs) if r.runs]
+    if lesions:
+        out += ["", "## Lesion study", "", markdown_table(*analysis.lesion_table(lesions)), "",
+                "Test accuracy (fixed subset of test images) with one block deleted at a time, mean over seeds: a "
+                "residual block keeps its shortcut, a plain block is bypassed where its shapes allow (n/a where "
+                "they do not). Veit et al. 2016: deleting one block of a ResNet barely hurts, of a plain net "
+                "destroys it."]
+    shares = [r for r in analysis.attribution_rows(runs) if r.runs]
+    if shares:
+        out += ["", "## Attributions: shortcut vs residual branch", "",
+                markdown_table(*analysis.attribution_table(shares)), "",
+                "Share of each block's integrated-gradients attribution (Captum LayerIntegratedGradients, true-class "
+                "logit, 64 fixed test images) carried by the shortcut, mean over seeds; plain nets have none."]
+    return out
 
 
 def _band(x: float, est: Estimate) -> plots.Band:
@@ -209,6 +239,13 @@ def figures(summary: Summary, out_dir: Path) -> list[Path]:
     curves = {c.cell: summary.sweep.history(c.best_run.run_id, CURVE_KEYS) for c in summary.cells if c.best_run}
     if curves:
         add("learning_curves.png", lambda p: plots.learning_curves_by_run(curves, p))
+    from resnet_lab.report import analysis
+
+    runs, plain = final_metrics(summary), {c.cell for c in summary.cells if c.skip is False}
+    for name, draw in (("lesion.png", analysis.lesion_figure), ("attribution_shares.png", analysis.attribution_figure)):
+        drawn = draw(runs, out_dir / name, dashed=plain)
+        if drawn is not None:
+            made.append(drawn)
     sized = {c.cell: _band(c.params, c.test) for c in cells if c.params and c.test is not None}
     if sized:
         add("accuracy_vs_params.png", lambda p: plots.accuracy_vs_params(
