@@ -63,13 +63,18 @@ def ablation_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
     for c in summary.cells:
         skip = {True: "on", False: "off", None: "-"}[c.skip]
         row = [c.cell, c.model, str(c.depth) if c.depth is not None else "-", c.block, skip, fmt_count(c.params),
-               c.config, c.stage, runs_text(c), _est(c.val), _est(c.test)]
+               c.config, _stage(c), runs_text(c), _est(c.val), _est(c.test)]
         if with_div:
             row.append(_est(c.test_finished) if c.diverged else "same")
         if with_ref:
             row.append(f"{c.reference:.1%}" if c.reference is not None else "-")
         rows.append(row)
     return columns, rows
+
+
+def _stage(cell: CellSummary) -> str:
+    """Where the numbers come from: `confirm`, `search` (chosen among several), or `grid` (one configuration)."""
+    return "grid" if cell.stage == "search" and cell.configs == 1 else cell.stage
 
 
 def _ratio(value: Ratio | None) -> str:
