@@ -1,23 +1,25 @@
 """Nothing a user does or a machine suffers loses results or corrupts the MLflow record.
 
 Each test kills real processes it started (the sweep driver, a trial's worker) and asserts on the MLflow store and
-Ray's results afterwards.
+Ray's results afterwards. Nothing waits by sleeping: each wait is for the condition the next step needs (a line
+from the driver, an epoch in MLflow, a checkpoint in Tune's saved state), with a deadline.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from procs import cmdline, descendants, kill_all
+from procs import Watched, cmdline, descendants, kill_all, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +39,7 @@ max_failures: 2
 """
 
 pytestmark = pytest.mark.slow
+TAG_RESUMED = "resumed_from_epoch"
 
 
 def write_spec(tmp: Path, name: str, epochs: int = 5, samples: int = 3, extra: str = "") -> Path:
@@ -51,23 +54,9 @@ def sweep_cmd(tmp: Path, spec: Path, *extra: str) -> list[str]:
             "--storage", str(tmp / "ray_results"), *extra]
 
 
-def start(tmp: Path, cmd: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_line(proc: subprocess.Popen[str], needle: str, timeout_s: float = 300) -> list[str]:
-    """Read the driver's stdout until a line contains `needle`."""
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return lines
-    raise AssertionError(f"never saw {needle!r}; got {''.join(lines)}")
+def start(tmp: Path, cmd: list[str]) -> Watched:
+    """The driver, its stdout and stderr read by threads (tests/procs.py): waits time out, pipes never fill."""
+    return Watched(cmd, tmp)
 
 
 def runs(tmp: Path, sweep_prefix: str) -> tuple[list, list]:
@@ -99,54 +88,116 @@ def assert_complete_record(tmp: Path, name: str, planned: int, epochs: int) -> l
     return kids
 
 
-def interrupt_after_first_trials(tmp: Path, spec: Path, sig: signal.Signals) -> tuple[int, str, str]:
-    proc = start(tmp, sweep_cmd(tmp, spec))
-    seen = wait_for_line(proc, "[2/")
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=180)
-    return proc.returncode, "".join(seen) + out, err
+def trial_runs(tmp: Path, name: str) -> dict[str, Any]:
+    """The sweep's child runs by Tune trial id."""
+    return {k.data.tags["resnet_lab.trial_id"]: k for k in runs(tmp, name)[1]}
 
 
+def snapshot_checkpoints(storage: Path, name: str) -> dict[str, int]:
+    """Trials still running in Tune's newest saved experiment state (what --resume restores), with the epoch of
+    the checkpoint it holds for each: {trial id: epoch}. Read with Tune's own classes."""
+    from ray.tune.experiment.trial import Trial, _TrainingRunMetadata
+
+    states = sorted(storage.glob(f"{name}-*/experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return {}
+    out: dict[str, int] = {}
+    for trial_json, metadata_json in json.loads(states[-1].read_text())["trial_data"]:
+        trial = Trial.from_json_state(trial_json, stub=True)
+        latest = _TrainingRunMetadata.from_json_state(metadata_json).checkpoint_manager.latest_checkpoint_result
+        if trial.status != Trial.TERMINATED and latest is not None:
+            out[trial.trial_id] = int(latest.metrics["epoch"])
+    return out
+
+
+def running_trial_with_an_epoch(tmp: Path, name: str) -> bool:
+    """Whether a trial still running has logged (and so checkpointed) at least one epoch."""
+    return any(len(steps(tmp, k.info.run_id)) >= 1 for k in runs(tmp, name)[1] if k.info.status == "RUNNING")
+
+
+def interrupt_after_first_trials(tmp: Path, spec: Path, sig: signal.Signals,
+                                 mid_trial: bool = False) -> tuple[int, str, str]:
+    """Start the sweep, send `sig` once two trials have ended (and, with `mid_trial`, once a running trial has a
+    checkpoint: at "[2/" the next trials have often just started, and a resume would then test nothing)."""
+    driver = start(tmp, sweep_cmd(tmp, spec))
+    driver.wait_for_line("[2/", timeout_s=300)  # two trials have ended
+    if mid_trial:
+        wait_until(lambda: running_trial_with_an_epoch(tmp, spec.stem), 300, "a running trial's first epoch",
+                   retry_on=(MlflowException,))
+    driver.proc.send_signal(sig)
+    return driver.finish(timeout_s=180)
+
+
+def assert_resumed_from_checkpoints(after: dict[str, Any], saved: dict[str, int], epochs: int) -> None:
+    """Each trial that Tune's saved state (what --resume read) held mid-way with a checkpoint continued from it,
+    not from scratch: its run carries `resumed_from_epoch` >= that checkpoint's epoch (a retry may move it on),
+    and < `epochs` (a trial resumed from its last epoch has nothing left to train and reports nothing)."""
+    assert saved, "no unfinished trial held a checkpoint when the sweep was stopped: the test proves nothing"
+    for trial_id, epoch in saved.items():
+        tags = after[trial_id].data.tags
+        assert TAG_RESUMED in tags, f"{trial_id} restarted from scratch (no {TAG_RESUMED} tag; checkpoint: {epoch})"
+        assert epoch <= int(tags[TAG_RESUMED]) < epochs, (trial_id, tags[TAG_RESUMED], epoch)
+
+
+@pytest.mark.timeout(1500)
 def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_sweep(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, "sigint")
-    rc, out, err = interrupt_after_first_trials(tmp_path, spec, signal.SIGINT)
+    rc, out, err = interrupt_after_first_trials(tmp_path, spec, signal.SIGINT, mid_trial=True)
     assert rc == 130, out + err
     assert "continue with:" in out and "--resume" in out and "Traceback" not in err
     parents, kids = runs(tmp_path, "sigint")
     assert parents[0].info.status == "KILLED" and parents[0].data.tags["interrupted"] == "true"
     assert all(k.info.status != "RUNNING" for k in kids)  # nothing left RUNNING after Ctrl-C
-    finished_before = {k.data.tags["resnet_lab.trial_id"] for k in kids if k.info.status == "FINISHED"}
-    assert len(finished_before) >= 2
+    finished = {k.data.tags["resnet_lab.trial_id"]: k for k in kids if k.info.status == "FINISHED"}
+    assert len(finished) >= 2
+    saved = snapshot_checkpoints(tmp_path / "ray_results", "sigint")  # Ctrl-C saves the state before exiting
 
     resumed = subprocess.run(sweep_cmd(tmp_path, spec, "--resume"), cwd=tmp_path, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    kids = assert_complete_record(tmp_path, "sigint", planned=6, epochs=5)
-    # Finished trials were not re-run: their runs were not re-opened, so they ended before the resume started.
-    resume_start = min(k.info.start_time for k in kids if k.data.tags["resnet_lab.trial_id"] not in finished_before)
-    for kid in kids:
-        if kid.data.tags["resnet_lab.trial_id"] in finished_before:
-            assert kid.info.end_time <= resume_start + 60_000
+    assert_complete_record(tmp_path, "sigint", planned=6, epochs=5)
+    after = trial_runs(tmp_path, "sigint")
+    # Finished trials were not re-run: the same run, its end time untouched to the millisecond, never resumed.
+    for trial_id, before in finished.items():
+        again = after[trial_id]
+        assert again.info.run_id == before.info.run_id
+        assert again.info.end_time == before.info.end_time, trial_id
+        assert TAG_RESUMED not in again.data.tags
+    assert_resumed_from_checkpoints(after, saved, epochs=5)
 
 
+@pytest.mark.timeout(1500)
 def test_sigkill_of_the_driver_then_resume_reattaches_runs(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, "sigkill")
-    proc = start(tmp_path, sweep_cmd(tmp_path, spec))
-    wait_for_line(proc, "[2/")
-    time.sleep(2)  # let running trials checkpoint an epoch or two
-    orphans = descendants(proc.pid)  # local Ray's GCS, raylet and workers, which outlive a SIGKILLed driver
-    proc.kill()
-    proc.communicate(timeout=60)
+    driver = start(tmp_path, sweep_cmd(tmp_path, spec))
+    driver.wait_for_line("[2/", timeout_s=300)
+    # Kill only once Tune's saved state (what --resume reads) holds a checkpoint of a trial still training.
+    wait_until(lambda: snapshot_checkpoints(tmp_path / "ray_results", "sigkill"), 180,
+               "a saved experiment state with a checkpoint of a running trial",
+               retry_on=(OSError, ValueError, KeyError))
+    orphans = descendants(driver.pid)  # local Ray's GCS, raylet and workers, which outlive a SIGKILLed driver
+    driver.proc.kill()
+    driver.proc.wait(timeout=60)
     kill_all(orphans)
+    driver.finish(timeout_s=60)
+    saved = snapshot_checkpoints(tmp_path / "ray_results", "sigkill")  # the state --resume will read
     _, kids = runs(tmp_path, "sigkill")
     assert any(k.info.status == "RUNNING" for k in kids)  # what a SIGKILL leaves behind
+    finished = {k.data.tags["resnet_lab.trial_id"]: k for k in kids if k.info.status == "FINISHED"}
 
     resumed = subprocess.run(sweep_cmd(tmp_path, spec, "--resume"), cwd=tmp_path, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_complete_record(tmp_path, "sigkill", planned=6, epochs=5)
+    after = trial_runs(tmp_path, "sigkill")
+    for trial_id, before in finished.items():  # a trial the saved state knew as done is not re-run
+        if trial_id not in saved:
+            assert after[trial_id].info.run_id == before.info.run_id
+            assert after[trial_id].info.end_time == before.info.end_time, trial_id
+    assert_resumed_from_checkpoints(after, saved, epochs=5)
 
 
+@pytest.mark.timeout(1500)
 def test_sigterm_is_a_clean_stop_and_a_plain_rerun_is_a_new_sweep(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, "sigterm", epochs=3, samples=2)
     rc, out, _ = interrupt_after_first_trials(tmp_path, spec, signal.SIGTERM)
@@ -161,21 +212,23 @@ def test_sigterm_is_a_clean_stop_and_a_plain_rerun_is_a_new_sweep(tmp_path: Path
     assert len(parents) == 2
 
 
+@pytest.mark.timeout(1200)
 def test_a_killed_trial_process_is_retried_from_its_checkpoint(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, "retry", epochs=8, samples=1)
-    proc = start(tmp_path, sweep_cmd(tmp_path, spec))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # both trials have logged (and so checkpointed) 2 epochs: MLflow, not
-        with contextlib.suppress(Exception):  # result.json, which Tune syncs to storage only every few seconds
-            kids = runs(tmp_path, "retry")[1]
-            if len(kids) == 2 and all(len(steps(tmp_path, k.info.run_id)) >= 2 for k in kids):
-                break
-        time.sleep(0.2)
-    training = [pid for pid in descendants(proc.pid) if "ray::ImplicitFunc.train" in cmdline(pid)]
+    driver = start(tmp_path, sweep_cmd(tmp_path, spec))
+
+    def both_trials_logged_two_epochs() -> bool:
+        # MLflow, not result.json, which Tune syncs to storage only every few seconds. The store may not exist yet.
+        kids = runs(tmp_path, "retry")[1]
+        return len(kids) == 2 and all(len(steps(tmp_path, k.info.run_id)) >= 2 for k in kids)
+
+    wait_until(both_trials_logged_two_epochs, 300, "both trials to log (and so checkpoint) 2 epochs",
+               retry_on=(MlflowException, AttributeError, KeyError))
+    training = [pid for pid in descendants(driver.pid) if "ray::ImplicitFunc.train" in cmdline(pid)]
     assert training, "no trial process found training"
     os.kill(training[0], signal.SIGKILL)  # one trial's Ray worker process, mid-training
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out + err
+    rc, out, err = driver.finish(timeout_s=600)
+    assert rc == 0, out + err
     kids = assert_complete_record(tmp_path, "retry", planned=2, epochs=8)
     retried = [k for k in kids if k.data.tags.get("retries")]
     assert len(retried) == 1 and retried[0].data.tags["retries"] == "1"
@@ -186,6 +239,7 @@ def test_a_killed_trial_process_is_retried_from_its_checkpoint(tmp_path: Path) -
     assert int(retried[0].data.tags["resumed_from_epoch"]) >= 2
 
 
+@pytest.mark.timeout(900)
 def test_divergence_is_a_result_and_a_failing_trial_ends_failed_with_its_error(tmp_path: Path) -> None:
     # lr 10 with weight decay 1.0 overflows float32 within two epochs; subset 99999 is larger than the data.
     spec = tmp_path / "mixed.yaml"
