@@ -68,6 +68,8 @@ def test_sign_flip_p_known_values_and_all_zero_differences() -> None:
     assert stats.sign_flip_p([0.0, 0.0, 0.0]) == 1.0
     assert stats.smallest_n_for(0.05) == 6
     assert stats.smallest_n_for(0.01) == 8
+    assert stats.smallest_n_for(0.05, tests=6) == 8  # Holm: 6 * 2/2^8 = 0.047; 6 * 2/2^7 = 0.094
+    assert stats.smallest_n_for(0.05, tests=2) == 7
 
 
 def test_holm_matches_the_textbook_step_down() -> None:
@@ -105,6 +107,8 @@ def test_verdict_says_what_the_numbers_support() -> None:
     assert "no detectable difference at n=3" in text and "below n = 6" in text
     clear = stats.paired({s: 0.9 + 0.001 * s for s in range(8)}, {s: 0.85 for s in range(8)})
     assert "higher" in stats.verdict("skip on vs off", clear.diff, clear.p, clear.n)
+    family = stats.verdict("skip on vs off", clear.diff, 0.06, 6, tests=4)
+    assert "after Holm's correction over 4 tests below n = 8" in family
     single = stats.paired({0: 0.9}, {0: 0.8})
     assert "single pair" in stats.verdict("x", single.diff, single.p, single.n)
     assert "no paired seeds" in stats.verdict("x", None, 1.0, 0)

@@ -120,10 +120,11 @@ def sign_flip_p(differences: Sequence[float]) -> float:
     return float(min(1.0, result.pvalue))
 
 
-def smallest_n_for(alpha: float = ALPHA) -> int:
-    """The fewest pairs with which an exact two-sided sign-flip test can reach p < alpha: 2 / 2**n < alpha."""
+def smallest_n_for(alpha: float = ALPHA, tests: int = 1) -> int:
+    """The fewest pairs with which an exact two-sided sign-flip test can reach p < alpha: 2 / 2**n < alpha, and
+    with Holm over `tests` tests, even the smallest p is multiplied by `tests`: tests * 2 / 2**n < alpha."""
     n = 1
-    while 2.0 / 2**n >= alpha:
+    while tests * 2.0 / 2**n >= alpha:
         n += 1
     return n
 
@@ -171,11 +172,11 @@ def paired_ratio(a: Mapping[int, float], b: Mapping[int, float]) -> Ratio | None
     return geometric_mean_ci([a[s] / b[s] for s in seeds])
 
 
-def verdict(what: str, diff: Estimate | None, p_holm: float, n: int, alpha: float = ALPHA) -> str:
-    """One sentence that says only what the interval and the adjusted p-value support."""
+def verdict(what: str, diff: Estimate | None, p_holm: float, n: int, alpha: float = ALPHA, tests: int = 1) -> str:
+    """One sentence that says only what the interval and the adjusted p-value support (`tests`: Holm's family)."""
     if diff is None or n == 0:
         return f"{what}: no paired seeds, so no comparison."
-    needed = smallest_n_for(alpha)
+    needed = smallest_n_for(alpha, tests)
     size = f"{100 * diff.mean:+.1f} pp"
     if diff.half_width is None:
         return f"{what}: {size} from a single pair of seeds; no interval and no test (run at least {needed} seeds)."
@@ -184,6 +185,7 @@ def verdict(what: str, diff: Estimate | None, p_holm: float, n: int, alpha: floa
         direction = "higher" if diff.mean > 0 else "lower"
         return f"{what}: {abs(100 * diff.mean):.1f} pp {direction} ({interval}, Holm-adjusted p = {p_holm:.3g}, n={n})."
     if n < needed:
+        family = f" after Holm's correction over {tests} tests" if tests > 1 else ""
         return (f"{what}: no detectable difference at n={n} ({size}, {interval}): an exact paired test cannot reach "
-                f"p < {alpha:g} below n = {needed}.")
+                f"p < {alpha:g}{family} below n = {needed}.")
     return f"{what}: no detectable difference ({size}, {interval}, Holm-adjusted p = {p_holm:.3g}, n={n})."

@@ -419,11 +419,14 @@ def conclusions(cells: Sequence[CellSummary], comparisons: Sequence[Comparison])
             out.append(f"{c.cell}: {missing} run(s) of the reported configuration did not finish "
                        f"({_counts(c.counts, exclude=RESULTS)}) and are not in its means.")
     names = {"skip": "skip on minus off", "baseline": "minus the baseline", "compare": "minus", "depth": "deeper minus"}
+    tests = sum(bool(c.test.n) for c in comparisons) + sum(c.train is not None and bool(c.train.n)
+                                                           for c in comparisons)
     for cmp in comparisons:
         what = f"{cmp.a} {names[cmp.kind]} {cmp.b}" if cmp.kind != "skip" else f"{cmp.a} vs {cmp.b} (skip on - off)"
-        out.append(verdict(f"test accuracy, {what}", cmp.test.diff, cmp.test_p_holm, cmp.test.n))
+        out.append(verdict(f"test accuracy, {what}", cmp.test.diff, cmp.test_p_holm, cmp.test.n, tests=tests))
         if cmp.train is not None and cmp.train_p_holm is not None:
-            out.append(verdict(f"train accuracy, {what}", cmp.train.diff, cmp.train_p_holm, cmp.train.n))
+            out.append(verdict(f"train accuracy, {what}", cmp.train.diff, cmp.train_p_holm, cmp.train.n,
+                               tests=tests))
     out += degradation(cells, comparisons)
     return out
 
