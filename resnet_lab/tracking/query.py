@@ -83,11 +83,23 @@ class SweepRuns:
     _histories: dict[str, dict[str, dict[int, float]]] = field(repr=False, compare=False, default_factory=dict)
 
     def history(self, run_id: str, keys: Iterable[str]) -> list[dict[str, float]]:
-        """One dict per logged step (epoch), ascending, with `epoch` and every key logged at that step."""
+        """One dict per logged step (epoch), ascending, with `epoch` and every key logged at that step.
+
+        The first request for a key reads that key for every trial run of the sweep at once (`_bulk_history`:
+        one query per key per chunk of runs, not one per run per key), because the report asks for the same keys
+        of every run; later calls for other runs are answered from the cache."""
         cache = self._histories.setdefault(run_id, {})
         for key in keys:
-            if key not in cache:
+            if key in cache:
+                continue
+            ids = list(dict.fromkeys([run_id, *(r.run_id for r in self.runs)]))
+            ids = [i for i in ids if key not in self._histories.get(i, {})]
+            bulk = _bulk_history(self._client, ids, key)
+            if bulk is None:  # a store with no batched read (file store): one request per run, this run only
                 cache[key] = {int(m.step): float(m.value) for m in self._client.get_metric_history(run_id, key)}
+                continue
+            for i in ids:
+                self._histories.setdefault(i, {})[key] = bulk.get(i, {})
         steps = sorted({step for series in cache.values() for step in series})
         return [{"epoch": float(step), **{k: s[step] for k, s in cache.items() if step in s}} for step in steps]
 
@@ -107,6 +119,62 @@ class SweepRuns:
                 self._client.log_artifact(self.parent.run_id, str(path), artifact_path)
         except (MlflowException, OSError) as exc:
             raise TrackingError(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from exc
+
+
+BULK_RUNS = 500  # run ids per batched history query (SQLite binds at most 32,766 parameters per statement)
+REST_BULK_RUNS = 100  # the server's get-history-bulk endpoint refuses more than 100 run ids per request
+REST_BULK_ROWS = 25_000  # ... and returns at most 25,000 values per request
+
+
+def _bulk_history(client: MlflowClient, run_ids: list[str], key: str) -> dict[str, dict[int, float]] | None:
+    """Every logged value of `key` for many runs in a few requests: {run id: {step: value}}; None where the store
+    has no batched read (the caller then reads run by run).
+
+    MlflowClient has no public batched metric-history call in MLflow 3.17 (`get_metric_history` takes one run, and
+    `get_metric_history_bulk_interval` samples at most a few hundred steps per run and loops over runs). What
+    MLflow does batch, and serves its own UI's charts with:
+    - SQL stores (sqlite, postgresql, mysql URIs): `SqlAlchemyStore.get_metric_history_bulk(run_ids, key,
+      max_results)`, a single `SELECT ... WHERE key = ? AND run_uuid IN (...)` ordered by run, timestamp, step,
+      value: the same order as `get_metric_history`, so the last value logged at a step wins in both paths;
+    - an `mlflow server` (http/https URIs): the `/ajax-api/2.0/mlflow/metrics/get-history-bulk` endpoint over that
+      same store method, at most 100 run ids and 25,000 values per request (a chunk that fills the cap is split).
+    The store object is the client's own (`_tracking_client.store`, cached per URI by MLflow), so no second
+    database engine or HTTP session is opened."""
+    from mlflow.store.tracking.rest_store import RestStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    out: dict[str, dict[int, float]] = {}
+    if isinstance(store, SqlAlchemyStore):
+        for start in range(0, len(run_ids), BULK_RUNS):
+            for row in store.get_metric_history_bulk(run_ids[start:start + BULK_RUNS], key, None):
+                out.setdefault(row.run_id, {})[int(row.step)] = float(row.value)  # a Metric with run_id
+        return out
+    if isinstance(store, RestStore):
+        chunks = [run_ids[i:i + REST_BULK_RUNS] for i in range(0, len(run_ids), REST_BULK_RUNS)]
+        while chunks:
+            chunk = chunks.pop()
+            rows = _rest_bulk(store, chunk, key)
+            if rows is None:
+                return None
+            if len(rows) >= REST_BULK_ROWS and len(chunk) > 1:  # capped: some values were left out
+                chunks += [chunk[: len(chunk) // 2], chunk[len(chunk) // 2:]]
+                continue
+            for row in rows:
+                out.setdefault(row["run_id"], {})[int(row.get("step", 0))] = float(row["value"])
+        return out
+    return None
+
+
+def _rest_bulk(store: Any, run_ids: list[str], key: str) -> list[dict[str, Any]] | None:
+    """One GET of the server's get-history-bulk endpoint; None if the server does not serve it."""
+    from mlflow.utils.rest_utils import http_request
+
+    response = http_request(store.get_host_creds(), "/ajax-api/2.0/mlflow/metrics/get-history-bulk", "GET",
+                            params={"run_id": run_ids, "metric_key": key, "max_results": REST_BULK_ROWS})
+    if response.status_code != 200:
+        return None
+    return list(response.json().get("metrics", []))
 
 
 @contextlib.contextmanager
