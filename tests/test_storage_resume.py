@@ -196,10 +196,10 @@ def newest_snapshot_s(fs: pafs.FileSystem, experiment: str) -> float:
 
 
 def wait_for_kill_point(client: MlflowClient, name: str, fs: pafs.FileSystem, root: str,
-                        proc: subprocess.Popen[str], log: Path, timeout_s: float = 400) -> tuple[dict, str, int]:
+                        proc: subprocess.Popen[str], log: Path, timeout_s: float = 600) -> tuple[dict, str]:
     """Until >= 2 trials have finished, another has logged >= 2 epochs and not all, and storage holds a Tune snapshot
-    written after both (so the restored state knows those trials finished and that checkpoint exists).
-    Returns finished trial id -> end time (ms), the running trial's id, its epochs logged."""
+    written after both (so the restored state knows those trials finished and that epoch's checkpoint exists).
+    Returns finished trial id -> end time (ms), and the running trial's id."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the sweep ended before the kill point:\n{log.read_text()[-3000:]}"
@@ -210,12 +210,14 @@ def wait_for_kill_point(client: MlflowClient, name: str, fs: pafs.FileSystem, ro
             running = [(k, h) for k, h in running if 2 <= len(h) < EPOCHS - 1]
             if len(finished) >= 2 and running:
                 kid, history = running[0]
-                after_s = max([*finished.values(), history[-1].timestamp]) / 1000
+                # Its 2nd epoch, not its latest: under load an upload can take longer than an epoch, and a goal
+                # that moves with every epoch may never be reached.
+                after_s = max([*finished.values(), history[1].timestamp]) / 1000
                 dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
                         if i.base_name.startswith(name + "-")]
                 # +1 s: S3 keeps whole seconds
                 if dirs and newest_snapshot_s(fs, dirs[0]) >= after_s + 1:
-                    return finished, kid.data.tags[TAG_TRIAL_ID], len(history)
+                    return finished, kid.data.tags[TAG_TRIAL_ID]
         time.sleep(0.2)
     raise AssertionError(f"no kill point within {timeout_s} s")
 
@@ -236,7 +238,7 @@ def kill_driver_then_resume(tmp: Path, name: str, storage: str, fs: pafs.FileSys
         proc = subprocess.Popen(sweep_cmd(tmp, spec, storage), cwd=tmp, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, text=True)
     try:
-        finished, interrupted, logged = wait_for_kill_point(client, name, fs, root, proc, log)
+        finished, interrupted = wait_for_kill_point(client, name, fs, root, proc, log)
     finally:
         orphans = descendants(proc.pid)  # local Ray's GCS, raylet and workers outlive a SIGKILLed driver
         proc.kill()
@@ -244,6 +246,7 @@ def kill_driver_then_resume(tmp: Path, name: str, storage: str, fs: pafs.FileSys
         kill_all(orphans)
     _, kids = children(client, name)
     assert any(k.info.status == "RUNNING" for k in kids)  # what a SIGKILL leaves behind
+    logged = max(len(epochs(client, k.info.run_id)) for k in kids if k.data.tags[TAG_TRIAL_ID] == interrupted)
     print(f"\n{name}: killed with {len(finished)} trials finished, trial {interrupted} at epoch {logged}")
 
     resumed = subprocess.run(sweep_cmd(tmp, spec, storage, "--resume"), cwd=tmp, env=env, capture_output=True,
@@ -262,8 +265,11 @@ def kill_driver_then_resume(tmp: Path, name: str, storage: str, fs: pafs.FileSys
     for trial, end_ms in finished.items():  # finished trials were not re-run: not re-opened, same end time
         assert by_trial[trial].info.end_time == end_ms, trial
         assert RESUMED_KEY not in by_trial[trial].data.tags
-    # The interrupted trial continued from the checkpoint of its last logged epoch, not from scratch.
-    assert logged <= int(by_trial[interrupted].data.tags[RESUMED_KEY]) < EPOCHS
+    resumed_from = int(by_trial[interrupted].data.tags[RESUMED_KEY])
+    print(f"{name}: resumed; {len(finished)} finished trials untouched, trial {interrupted} resumed_from_epoch="
+          f"{resumed_from}, {sum(RESUMED_KEY in k.data.tags for k in kids)} trials resumed from checkpoints")
+    # From a checkpoint at least as new as the snapshot we waited for, and no newer than what it had done.
+    assert 2 <= resumed_from <= logged < EPOCHS
 
 
 @pytest.mark.slow
