@@ -186,3 +186,36 @@ def test_the_sweep_ran_every_trial_on_nodes_the_autoscaler_launched(cluster: lc.
         mine = [spans[t] for t, n in node_of_trial.items() if n == node]
         most = max(sum(1 for s, e in mine if s <= start < e) for start, _ in mine)
         assert most <= 2, (node, mine)
+
+
+GCS_CONFIG_DRIVER = """
+import ray
+from ray._raylet import GcsClient
+from ray.core.generated import autoscaler_pb2
+
+from resnet_lab.tune.capacity import describe, reachable_slots, read_capacity
+
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+before = read_capacity()
+config = autoscaler_pb2.ClusterConfig()
+group = autoscaler_pb2.NodeGroupConfig(name="gpu_worker", max_count=4)
+group.resources["CPU"], group.resources["GPU"] = 8, 1
+config.node_group_configs.append(group)
+GcsClient(address=ray.get_runtime_context().gcs_address).report_cluster_config(config.SerializeToString())
+after = read_capacity()
+print(before.autoscaling, bool(before.launchable))
+print(describe(after))
+print(reachable_slots(after, {"CPU": 4, "GPU": 0.5}))
+"""
+
+
+def test_node_types_an_autoscaler_reports_to_the_gcs_are_read_first(tmp_path: Path) -> None:
+    # Ray's ReportClusterConfig, the record Ray Data's autoscaler reads (Ray 2.60's own autoscalers do not write it
+    # yet): reported here the way Ray's own test_get_cluster_config does, on a plain local Ray.
+    proc = subprocess.run([sys.executable, "-c", GCS_CONFIG_DRIVER], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, described, slots = proc.stdout.strip().splitlines()[-3:]
+    assert plain == "False False"  # ray.init()'s read-only autoscaler launches nothing
+    assert described == "autoscaler node types gpu_worker x4 {CPU: 8, GPU: 1} (from the GCS cluster config)"
+    assert slots == "8"  # 4 nodes x 2 trials of {cpu: 4, gpu: 0.5}; the local node's 1 CPU holds none
