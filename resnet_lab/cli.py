@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a spec value, validated like the file (repeatable): --set trainer.epochs=3")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit; starts neither Ray nor MLflow")
+    p.add_argument("--estimate", action="store_true",
+                   help="with --dry-run: epochs (at most, expected with ASHA), device-hours and wall time per cell, "
+                        "from earlier runs of the cells in --tracking-uri or from timing a few training steps")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray on this machine)")
     p.add_argument("--tracking-uri", default=None,
@@ -111,7 +114,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.info(f"warning: {warning}")
     if args.dry_run:
         print_plan(loaded)
+        if args.estimate:
+            from resnet_lab.estimate import print_estimate
+            from resnet_lab.tracking import resolve_tracking_uri
+
+            try:
+                uri = resolve_tracking_uri(args.tracking_uri)
+            except ValueError as exc:
+                console.error(f"--tracking-uri: {exc}")
+                return EXIT_USAGE
+            print_estimate(loaded, uri, args.max_concurrent)
         return 0
+    if args.estimate:
+        console.error("--estimate goes with --dry-run: python sweep.py SPEC --dry-run --estimate")
+        return EXIT_USAGE
     return run(loaded, args, argv)
 
 
