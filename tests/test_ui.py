@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
+from procs import wait_until
 from test_report import shared_sweep
 
 from resnet_lab.ui import port_free
@@ -45,6 +46,8 @@ return false;
 
 pytestmark = [
     pytest.mark.slow,
+    # The first test also pays for the shared sweep (test_report.shared_sweep) and the server start (up to 300 s).
+    pytest.mark.timeout(1200),
     pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
                        reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium "
                               "chromium-driver; .ci/run installs them)"),
@@ -134,6 +137,7 @@ def test_ui_prints_the_runs_table_url_of_the_sweeps_experiment(sweep: dict[str, 
 
 def test_runs_table_shows_child_runs_under_their_sweep_with_comparable_columns(
         sweep: dict[str, Any], ui: dict[str, Any], browser: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -159,11 +163,19 @@ def test_runs_table_shows_child_runs_under_their_sweep_with_comparable_columns(
     for column in ("attributes.`Run Name`", "params.`arch`", "params.`lr`"):  # double-click: fit to content
         handle = browser.find_element(By.CSS_SELECTOR, f'.ag-header-cell[col-id="{column}"] .ag-header-cell-resize')
         ActionChains(browser).double_click(handle).perform()
-    time.sleep(1)
-    links = {a.text: a for a in browser.find_elements(By.CSS_SELECTOR, '[col-id="attributes.`Run Name`"] a')}
-    for name in sweep["children"]:
-        assert links[name].is_displayed(), name
-        assert not browser.execute_script(CLIPPED_JS, links[name]), f"{name} is cut off"
+
+    def clipped_names(driver: Any) -> list[str] | None:
+        """Child run names not shown in full (None while one is not rendered yet)."""
+        links = {a.text: a for a in driver.find_elements(By.CSS_SELECTOR, '[col-id="attributes.`Run Name`"] a')}
+        if not all(name in links and links[name].is_displayed() for name in sweep["children"]):
+            return None
+        return [name for name in sweep["children"] if driver.execute_script(CLIPPED_JS, links[name])]
+
+    # The columns resize as the grid re-renders: wait for every name to show in full, or fail naming the cut ones.
+    try:
+        WebDriverWait(browser, 30).until(lambda d: clipped_names(d) == [])
+    except TimeoutException:
+        raise AssertionError(f"run names cut off or missing after 30 s: {clipped_names(browser)}") from None
     headers = [h.text for h in browser.find_elements(By.CSS_SELECTOR, ".ag-header-cell") if h.text]
     assert {"arch", "depth", "skip", "lr", "seed", "val/acc", "test/acc"} <= set(headers), headers
     shot = tmp_path_factory.mktemp("screenshots") / "mlflow_runs_table.png"
@@ -177,10 +189,7 @@ def test_runs_table_shows_child_runs_under_their_sweep_with_comparable_columns(
 def test_ctrl_c_stops_the_server_and_exits_zero(ui: dict[str, Any]) -> None:
     ui["proc"].send_signal(signal.SIGINT)
     assert ui["proc"].wait(timeout=60) == 0
-    deadline = time.monotonic() + 15
-    while not port_free("127.0.0.1", ui["port"]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert port_free("127.0.0.1", ui["port"]), "the MLflow server still listens after Ctrl-C"
+    wait_until(lambda: port_free("127.0.0.1", ui["port"]), 15, "the MLflow server to stop listening after Ctrl-C")
     ui["reader"].join(timeout=10)  # the pipe closes when the process exits
     rest = "".join(ui["output"]) + drain(ui["lines"])
     assert "stopping the MLflow UI" in rest and "Traceback" not in rest
