@@ -6,7 +6,9 @@ On a terminal: tables and a live view. Elsewhere (CI logs, pipes): plain, quiet 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -83,10 +85,22 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]
         Console(file=sys.stdout, width=200, color_system=None).print(table)
 
 
-class LiveView:
-    """The sweep's live display: progress with ETA, running trials, best per cell; plain lines when not a TTY."""
+RUNNING_ROWS = 12  # running trials shown (the most recently reported first); a caption counts the rest
+FINISHED_ROWS = 8  # finished trials shown, newest first; every outcome is counted in the progress line
+BEST_ROWS = 40  # cells in the best-per-cell table (every cell's best is kept; a caption counts the ones not shown)
+PROGRESS_EVERY_S = 60.0  # plain mode: at most one progress line per minute, besides one line per finished trial
 
-    def __init__(self, total: int, metric: str, mode: str) -> None:
+
+class LiveView:
+    """The sweep's live display: progress with ETA, running trials, recently finished trials, best per cell; plain
+    lines when not a TTY.
+
+    Its size and cost do not grow with the sweep: the tables hold at most RUNNING_ROWS + FINISHED_ROWS + BEST_ROWS
+    rows, the state kept is the running trials, the best per cell, the last FINISHED_ROWS trials and a count per
+    outcome, and the tables are built only when rich redraws (twice a second), not on every reported epoch. Without
+    a terminal it prints one line per finished trial and, at most every PROGRESS_EVERY_S, one progress line."""
+
+    def __init__(self, total: int, metric: str, mode: str, *, clock: Callable[[], float] | None = None) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -97,10 +111,13 @@ class LiveView:
         )
 
         self.metric, self.mode, self.total = metric, mode, total
-        self.running: dict[str, dict[str, Any]] = {}  # trial id -> {name, cell, epoch, metric, lr}
+        self.running: dict[str, dict[str, Any]] = {}  # trial id -> {name, cell, epoch, metric, lr}, last reported last
         self.best: dict[str, tuple[float, str]] = {}  # cell -> (value, run name)
+        self.finished: deque[tuple[str, str, Any]] = deque(maxlen=FINISHED_ROWS)  # (name, outcome, value)
         self.outcomes: dict[str, int] = {}
         self.interactive = is_interactive()
+        self.clock = clock or time.monotonic
+        self.last_progress_line = self.clock()
         self.progress = Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("eta"), TimeRemainingColumn(), console=_stdout)
         self.task = self.progress.add_task("trials", total=total)
@@ -113,16 +130,21 @@ class LiveView:
     def close(self) -> None:
         """Draw the final state and release the terminal."""
         if self.live is not None:
-            self.live.update(self._render())
+            self.live.refresh()
             self.live.stop()
             self.live = None
 
     def _better(self, a: float, b: float) -> bool:
         return a > b if self.mode == "max" else a < b
 
+    @property
+    def done(self) -> int:
+        return int(self.progress.tasks[0].completed)
+
     def trial_update(self, trial_id: str, name: str, cell: str, metrics: Mapping[str, float]) -> None:
         """A trial reported an epoch."""
         value = metrics.get(self.metric)
+        self.running.pop(trial_id, None)  # re-inserted last: the dict is ordered by the latest report
         self.running[trial_id] = {"name": name, "cell": cell, "epoch": metrics.get("epoch"), "value": value,
                                   "lr": metrics.get("lr")}
         if value is not None and value == value and (cell not in self.best or self._better(value,
@@ -134,37 +156,60 @@ class LiveView:
         """A trial ended (any outcome)."""
         info_ = self.running.pop(trial_id, {})
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self.finished.append((name, outcome, info_.get("value")))
         self.progress.advance(self.task)
         if not self.interactive:
             value = info_.get("value")
             shown = f" {self.metric}={value:.4f}" if isinstance(value, float) else ""
-            done = int(self.progress.tasks[0].completed)
-            info(f"[{done}/{self.total}] {name}: {outcome}{shown}{(' ' + detail) if detail else ''}")
+            info(f"[{self.done}/{self.total}] {name}: {outcome}{shown}{(' ' + detail) if detail else ''}")
         self.refresh()
 
+    def progress_line(self) -> str:
+        """`[412/1000] 24 running; 380 completed, 32 early_stopped; best val/acc 0.9120 (resnet20, trial_...)`."""
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(self.outcomes.items())) or "none ended"
+        line = f"[{self.done}/{self.total}] {len(self.running)} running; {counts}"
+        if self.best:
+            cell, (value, name) = max(self.best.items(), key=lambda kv: kv[1][0] if self.mode == "max"
+                                      else -kv[1][0])
+            line += f"; best {self.metric} {value:.4f} ({cell}, {name})"
+        return line
+
     def refresh(self) -> None:
-        """Redraw (terminal only)."""
+        """Redraw on a terminal (rich calls _render at its own rate); elsewhere a progress line now and then."""
         if not self.interactive:
+            now = self.clock()
+            if now - self.last_progress_line >= PROGRESS_EVERY_S:
+                self.last_progress_line = now
+                info(self.progress_line())
             return
         if self.live is None:
             from rich.live import Live
 
-            self.live = Live(self._render(), console=_stdout, refresh_per_second=2)
+            self.live = Live(get_renderable=self._render, console=_stdout, refresh_per_second=2)
             self.live.start()
-        self.live.update(self._render())
 
     def _render(self) -> Any:
         from rich.console import Group
 
-        running = Table(title="running", expand=False)
+        shown = list(self.running.values())[-RUNNING_ROWS:][::-1]
+        hidden = len(self.running) - len(shown)
+        running = Table(title=f"running ({len(self.running)})", expand=False,
+                        caption=f"and {hidden} more running" if hidden else None)
         for column in ("trial", "cell", "epoch", self.metric, "lr"):
             running.add_column(column)
-        for row in self.running.values():
+        for row in shown:
             running.add_row(row["name"], row["cell"], fmt(row["epoch"], "{:.0f}"), fmt(row["value"], "{:.4f}"),
                             fmt(row["lr"], "{:.2e}"))
-        best = Table(title=f"best {self.metric} per cell", expand=False)
+        finished = Table(title=f"last finished ({self.done} ended)", expand=False)
+        for column in ("trial", "outcome", self.metric):
+            finished.add_column(column)
+        for name, outcome, value in list(self.finished)[::-1]:  # a copy: rich renders from its own thread
+            finished.add_row(name, outcome, fmt(value, "{:.4f}"))
+        cells = sorted(self.best.items())
+        best = Table(title=f"best {self.metric} per cell", expand=False,
+                     caption=f"and {len(cells) - BEST_ROWS} more cells" if len(cells) > BEST_ROWS else None)
         for column in ("cell", self.metric, "trial"):
             best.add_column(column)
-        for cell, (value, name) in sorted(self.best.items()):
+        for cell, (value, name) in cells[:BEST_ROWS]:
             best.add_row(cell, f"{value:.4f}", name)
-        return Group(self.progress, running, best)
+        return Group(self.progress, running, finished, best)
