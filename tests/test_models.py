@@ -67,7 +67,7 @@ def build(name: str, params: dict[str, Any], **extra: Any) -> nn.Module:
 
 
 def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """What the trainer lists for gradient-flow plots, in named_modules order."""
+    """Every conv and linear layer in named_modules order, shortcuts included (gradflow's list leaves them out)."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 

@@ -11,8 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
-EPOCH_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_time_s", "throughput_img_s",
-              "grad/ratio_first_last")
+EPOCH_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_time_s", "train_time_s", "eval_time_s",
+              "throughput_img_s")
 
 SPEC = """
 name: stress

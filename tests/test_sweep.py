@@ -87,8 +87,13 @@ def test_every_epoch_is_logged_with_its_step(two_sweeps: dict) -> None:
             assert len(steps) == 3 and "test/acc" in kid.data.metrics
             artifacts = {a.path for a in client.list_artifacts(kid.info.run_id)}
             assert {"learning_curves.png", "gradient_flow.png"} <= artifacts
-        for key in ("train/loss", "val/loss", "lr", "grad/ratio_first_last", "throughput_img_s"):
+        for key in ("train/loss", "val/loss", "lr", "train_time_s", "eval_time_s", "throughput_img_s"):
             assert len(client.get_metric_history(kid.info.run_id, key)) == len(steps), key
+        # gradient flow: at initialisation and after epoch 1 (logged with epoch 1), on the tested weights at the end
+        for phase in ("init", "epoch1"):
+            assert [m.step for m in client.get_metric_history(kid.info.run_id, f"gradflow/{phase}/first_last")] == [1]
+        if kid.data.tags[TAG_OUTCOME] == "completed":
+            assert "gradflow/final/first_last" in kid.data.metrics
 
 
 def test_tune_writes_json_and_csv_results_but_no_tensorboard_files(two_sweeps: dict) -> None:

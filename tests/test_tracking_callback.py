@@ -39,7 +39,8 @@ samples_per_cell: 1
 
 def result(epoch: int, acc: float) -> dict:
     # What a trial reports (trainer metrics) plus keys Ray adds, which must not reach MLflow.
-    return {"epoch": epoch, "val/acc": acc, "train/loss": 1.0 / epoch, "grad/ratio_first_last": 0.5,
+    return {"epoch": epoch, "val/acc": acc, "train/loss": 1.0 / epoch, "gradflow/init/block/00.stem": 0.5,
+            "gradflow/init/block/01.head": 1.0,
             "training_iteration": epoch, "time_total_s": 1.0 * epoch, "pid": 1234, "config/lr": 0.001}
 
 
@@ -125,7 +126,9 @@ def test_a_trial_without_history_in_mlflow_logs_every_epoch(tmp_path: Path) -> N
 def test_figure_renderer_draws_pngs_in_a_low_priority_process_and_survives_its_death(tmp_path: Path) -> None:
     history = [{"epoch": e, "train/loss": 1.0 / e, "val/loss": 1.1 / e, "train/acc": 0.1 * e, "val/acc": 0.09 * e}
                for e in (1, 2, 3)]
-    grads = {"grad/000.stem.conv": 0.5, "grad/001.layer1.conv": 0.05, "grad/ratio_first_last": 10.0}
+    grads = {"gradflow/init/block/00.stem": 0.5, "gradflow/init/block/01.layer1.0": 0.05,
+             "gradflow/final/block/00.stem": 0.2, "gradflow/final/block/01.layer1.0": 0.1,
+             "gradflow/final/first_last": 2.0}
     renderer = FigureRenderer()
     try:
         files = renderer.render(str(tmp_path), "trial-a", history, grads)
