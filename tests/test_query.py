@@ -70,3 +70,23 @@ def test_history_reads_each_key_once_for_all_runs(store: str, monkeypatch: pytes
     for run in sweep.runs:
         sweep.history(run.run_id, KEYS)
     assert sorted(calls) == sorted((7, k) for k in KEYS)
+
+
+@pytest.mark.slow
+def test_batched_history_through_an_mlflow_server(store: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over http the batched read is the server's get-history-bulk endpoint; a chunk that fills the per-request cap
+    is split, and a single run over the cap is read on its own: the histories equal the per-run ones."""
+    from test_tracking_outage import MlflowServer
+
+    server = MlflowServer(store, tmp_path)
+    try:
+        monkeypatch.setattr(query, "REST_BULK_RUNS", 4)
+        monkeypatch.setattr(query, "REST_BULK_ROWS", 5)  # the server then returns at most 5 values per request
+        sweep = load_sweep(server.uri, "q")
+        assert query._bulk_history(sweep._client, [r.run_id for r in sweep.runs], "val/acc") is not None  # batched
+        client = MlflowClient(store)
+        for run in sweep.runs:
+            assert sweep.history(run.run_id, KEYS) == per_run(client, run.run_id, KEYS), run.name
+    finally:
+        server.close()

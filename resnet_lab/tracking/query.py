@@ -157,8 +157,11 @@ def _bulk_history(client: MlflowClient, run_ids: list[str], key: str) -> dict[st
             rows = _rest_bulk(store, chunk, key)
             if rows is None:
                 return None
-            if len(rows) >= REST_BULK_ROWS and len(chunk) > 1:  # capped: some values were left out
-                chunks += [chunk[: len(chunk) // 2], chunk[len(chunk) // 2:]]
+            if len(rows) >= REST_BULK_ROWS:  # capped: some values were left out
+                if len(chunk) > 1:
+                    chunks += [chunk[: len(chunk) // 2], chunk[len(chunk) // 2:]]
+                else:  # one run with more values than a request returns: its own paged history
+                    out[chunk[0]] = {int(m.step): float(m.value) for m in client.get_metric_history(chunk[0], key)}
                 continue
             for row in rows:
                 out.setdefault(row["run_id"], {})[int(row.get("step", 0))] = float(row["value"])
