@@ -158,8 +158,9 @@ def markdown(summary: Summary, figures: Sequence[Path]) -> str:
                 "differences (scipy `permutation_test`, all 2^n sign patterns); p Holm: Holm's step-down "
                 "adjustment across every test in this table (test and train accuracy). With n pairs the smallest "
                 "possible exact p is 2/2^n, so n < 6 can never reach p < 0.05, and Holm multiplies the smallest p "
-                "by the number of tests m: m x 2/2^n must be below 0.05 (6 tests need n >= 8). Train acc (depth comparisons): the "
-                "last epoch's training accuracy. Time ratio: geometric mean over seeds of a's over b's training "
+                "by the number of tests m: m x 2/2^n must be below 0.05 (6 tests need n >= 8). Train acc (depth "
+                "comparisons): the last epoch's training accuracy. Time ratio: geometric mean over seeds of a's "
+                "over b's training "
                 "seconds (evaluation excluded) to the target val accuracy, interval on the log scale."]
     else:
         out += ["No comparison: no cell has a skip-off twin, a deeper or shallower twin, a `report.baseline` or "
