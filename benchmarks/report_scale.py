@@ -2,7 +2,7 @@
 
 Generates a SQLite MLflow store per N (a parent run and N trial runs, E epochs x the report's keys each, written
 with `MlflowClient.log_batch`: no Ray, no training), then times what the report reads (`load_sweep`, then
-`SweepRuns.history` of every trial run for the metric, CURVE_KEYS and TIME_KEYS, as report/summary.py asks) two
+`SweepRuns.history` of every trial run for the metric, CURVE_KEYS and TIME_KEYS, as report/cells.py asks) two
 ways in the same process: the batched path (resnet_lab/tracking/query.py) and the old path (`get_metric_history`
 once per run per key). Prints one row per N with both times and their ratio.
 
@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from resnet_lab.report.summary import CURVE_KEYS, TIME_KEYS
+from resnet_lab.report.cells import CURVE_KEYS, TIME_KEYS  # the keys the report reads per run
 from resnet_lab.tracking.query import SweepRuns, load_sweep
 from resnet_lab.tracking.writer import TAG_CELL, TAG_OUTCOME, TAG_ROLE, TAG_SEED, TAG_STAGE, TAG_SWEEP, quiet_mlflow
 

@@ -18,6 +18,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from sqlalchemy.exc import SQLAlchemyError
 
 from resnet_lab.tracking.writer import (
     TAG_CELL,
@@ -135,7 +136,9 @@ def _bulk_history(client: MlflowClient, run_ids: list[str], key: str) -> dict[st
     MLflow does batch, and serves its own UI's charts with:
     - SQL stores (sqlite, postgresql, mysql URIs): `SqlAlchemyStore.get_metric_history_bulk(run_ids, key,
       max_results)`, a single `SELECT ... WHERE key = ? AND run_uuid IN (...)` ordered by run, timestamp, step,
-      value: the same order as `get_metric_history`, so the last value logged at a step wins in both paths;
+      value: the same order as `get_metric_history`, so the last value logged at a step wins in both paths. We
+      run that same SELECT through the store's own session as plain rows (`_sql_history`), ~10x faster than the
+      method's per-row entities, and fall back to the method if the table differs;
     - an `mlflow server` (http/https URIs): the `/ajax-api/2.0/mlflow/metrics/get-history-bulk` endpoint over that
       same store method, at most 100 run ids and 25,000 values per request (a chunk that fills the cap is split).
     The store object is the client's own (`_tracking_client.store`, cached per URI by MLflow), so no second
@@ -147,8 +150,13 @@ def _bulk_history(client: MlflowClient, run_ids: list[str], key: str) -> dict[st
     out: dict[str, dict[int, float]] = {}
     if isinstance(store, SqlAlchemyStore):
         for start in range(0, len(run_ids), BULK_RUNS):
-            for row in store.get_metric_history_bulk(run_ids[start:start + BULK_RUNS], key, None):
-                out.setdefault(row.run_id, {})[int(row.step)] = float(row.value)  # a Metric with run_id
+            chunk = run_ids[start:start + BULK_RUNS]
+            try:
+                rows = _sql_history(store, chunk, key)
+            except (AttributeError, SQLAlchemyError):  # another schema than MLflow 3.17's metrics table
+                rows = [(m.run_id, m.step, m.value, False) for m in store.get_metric_history_bulk(chunk, key, None)]
+            for run_id, step, value, is_nan in rows:
+                out.setdefault(run_id, {})[int(step)] = math.nan if is_nan else float(value)
         return out
     if isinstance(store, RestStore):
         chunks = [run_ids[i:i + REST_BULK_RUNS] for i in range(0, len(run_ids), REST_BULK_RUNS)]
@@ -167,6 +175,21 @@ def _bulk_history(client: MlflowClient, run_ids: list[str], key: str) -> dict[st
                 out.setdefault(row["run_id"], {})[int(row.get("step", 0))] = float(row["value"])
         return out
     return None
+
+
+def _sql_history(store: Any, run_ids: list[str], key: str) -> list[Any]:
+    """(run id, step, value, is_nan) rows of `key` for `run_ids`: the query of `get_metric_history_bulk` (same
+    filter, same order: the last value logged at a step wins), as plain rows. The store method builds an ORM object
+    and two Metric entities per row: 20.6 s for the 140,000 values of a 1,000-run report here, 1.8 s as rows."""
+    from mlflow.store.tracking.dbmodels.models import SqlMetric
+    from sqlalchemy import select
+
+    table = SqlMetric.__table__
+    query = (select(table.c.run_uuid, table.c.step, table.c.value, table.c.is_nan)
+             .where(table.c.key == key, table.c.run_uuid.in_(run_ids))
+             .order_by(table.c.run_uuid, table.c.timestamp, table.c.step, table.c.value))
+    with store.ManagedSessionMaker() as session:
+        return list(session.execute(query).all())
 
 
 def _rest_bulk(store: Any, run_ids: list[str], key: str) -> list[dict[str, Any]] | None:
