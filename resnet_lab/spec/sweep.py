@@ -211,11 +211,6 @@ class SweepSpec(StrictModel):
         """`mode`, or the metric's natural direction."""
         return self.mode or METRICS[self.metric]  # type: ignore[return-value]
 
-    @property
-    def max_epochs(self) -> int:
-        """The most epochs any one trial trains."""
-        return self.trainer.epochs
-
 
 # --- factor names -----------------------------------------------------------------------------------------------
 

@@ -261,7 +261,3 @@ class SweepTracker:
         return self._read(lambda: self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{self.parent_id}'",
             max_results=50_000), "listing the sweep's trial runs")
-
-    def experiment_url(self, base: str) -> str:
-        """The runs table of this experiment in the MLflow UI (MLflow 3 opens in GenAI mode otherwise)."""
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"

@@ -48,7 +48,6 @@ class RunOptions:
     storage: str | None = None  # overrides spec.storage
     max_concurrent: int | None = None  # overrides spec.max_concurrent
     ray_temp_dir: str | None = None
-    show_live: bool = True
     resume: bool = False
 
 
@@ -246,7 +245,7 @@ def run_sweep(loaded: LoadedSpec, options: RunOptions) -> SweepOutcome:
             params={"cells": len(cells), "trials": total, "metric": spec.metric, "mode": spec.resolved_mode,
                     "storage": storage, **provenance()},
             artifacts={"spec.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)})
-        view_args = (total, spec.metric, spec.resolved_mode) if options.show_live else None
+        view_args = (total, spec.metric, spec.resolved_mode)
         callback = TrackingCallback(tracker, {c.label: c for c in cells}, scheduler, view_args)
         tuner = tune.Tuner(
             trainable,

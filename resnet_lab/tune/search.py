@@ -155,7 +155,8 @@ class CellSearcher(Searcher):
         return asked_all and (not self._confirm_seeds or state.confirmed)
 
     def _best_values(self, state: CellState) -> dict[str, Any] | None:
-        """Searched values of the cell's best completed configuration (Optuna's view), else its best group."""
+        """Searched values of the cell's best completed configuration (Optuna's view); None when none completed
+        (every one pruned, diverged or failed): there is nothing to confirm, and the report says so for the cell."""
         completed = [t for t in state.study.trials if t.state == optuna.trial.TrialState.COMPLETE
                      and math.isfinite(t.value)]
         if completed:
