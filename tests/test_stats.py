@@ -102,9 +102,14 @@ def test_pp_formatting_is_percentage_points_not_percent() -> None:
 
 
 def test_verdict_says_what_the_numbers_support() -> None:
-    small = stats.paired({0: 0.9, 1: 0.91, 2: 0.92}, {0: 0.88, 1: 0.9, 2: 0.9})
+    small = stats.paired({0: 0.9, 1: 0.91, 2: 0.92}, {0: 0.89, 1: 0.92, 2: 0.9})  # CI contains zero
     text = stats.verdict("skip on vs off", small.diff, small.p, small.n)
     assert "no detectable difference at n=3" in text and "below n = 6" in text
+    steady = stats.paired({0: 0.9, 1: 0.91, 2: 0.92}, {0: 0.88, 1: 0.895, 2: 0.90})  # CI excludes zero, n too small
+    assert steady.diff is not None and steady.diff.low > 0
+    text = stats.verdict("skip on vs off", steady.diff, steady.p, steady.n)
+    assert "the t interval excludes zero, but an exact paired test cannot reach p < 0.05 below n = 6" in text
+    assert "not established" in text
     clear = stats.paired({s: 0.9 + 0.001 * s for s in range(8)}, {s: 0.85 for s in range(8)})
     assert "higher" in stats.verdict("skip on vs off", clear.diff, clear.p, clear.n)
     family = stats.verdict("skip on vs off", clear.diff, 0.06, 6, tests=4)

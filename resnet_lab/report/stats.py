@@ -184,8 +184,16 @@ def verdict(what: str, diff: Estimate | None, p_holm: float, n: int, alpha: floa
     if p_holm < alpha:
         direction = "higher" if diff.mean > 0 else "lower"
         return f"{what}: {abs(100 * diff.mean):.1f} pp {direction} ({interval}, Holm-adjusted p = {p_holm:.3g}, n={n})."
+    excludes_zero = diff.low > 0 or diff.high < 0
+    family = f" after Holm's correction over {tests} tests" if tests > 1 else ""
     if n < needed:
-        family = f" after Holm's correction over {tests} tests" if tests > 1 else ""
+        if excludes_zero:
+            return (f"{what}: {size} ({interval}) at n={n}: the t interval excludes zero, but an exact paired test "
+                    f"cannot reach p < {alpha:g}{family} below n = {needed}, so the difference is not established; "
+                    "run more seeds.")
         return (f"{what}: no detectable difference at n={n} ({size}, {interval}): an exact paired test cannot reach "
                 f"p < {alpha:g}{family} below n = {needed}.")
+    if excludes_zero:
+        return (f"{what}: {size} ({interval}), but the Holm-adjusted exact test does not confirm it "
+                f"(p = {p_holm:.3g}, n={n}): not established.")
     return f"{what}: no detectable difference ({size}, {interval}, Holm-adjusted p = {p_holm:.3g}, n={n})."
