@@ -285,7 +285,7 @@ def _matched(spec: SweepSpec, cells: list[Cell], data: LineDict, overridden: dic
     except ValueError as exc:
         where = next((["grid", k, i, "match_params"] for k, entries in spec.grid.items()
                       for i, e in enumerate(entries) if isinstance(e, dict) and "match_params" in e), ["grid"])
-        raise _grouped(source, [_located("grid", where, str(exc), data, overridden)]) from None
+        raise _grouped(source, [_located(format_path(where), where, str(exc), data, overridden)]) from None
 
 
 def _parts(field: str) -> list[Any]:
