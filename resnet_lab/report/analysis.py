@@ -107,6 +107,15 @@ def attribution_rows(cells: Runs) -> list[AttributionRow]:
     return rows
 
 
+def _pp(summary: Summary | None) -> str:
+    """A drop in accuracy in percentage points: `4.3 pp [1.9, 6.7]`."""
+    if summary is None:
+        return "n/a"
+    if summary.n < 2:
+        return f"{100 * summary.mean:.1f} pp"
+    return f"{100 * summary.mean:.1f} pp [{100 * summary.low:.1f}, {100 * summary.high:.1f}]"
+
+
 def fmt(summary: Summary | None, pattern: str = "{:.1%}") -> str:
     """`91.2% [89.9, 92.5]`, `91.2%` for one seed, `n/a` for none."""
     if summary is None:
@@ -120,7 +129,7 @@ def lesion_table(rows: Sequence[LesionRow]) -> tuple[list[str], list[list[str]]]
     """(header, rows of text): label, seeds, intact accuracy, mean drop, worst block, accuracy per deleted block."""
     width = max((len(r.block_acc) for r in rows), default=0)
     header = ["cell", "seeds", "intact", "mean drop", "worst", *(f"-{i:02d}" for i in range(width))]
-    body = [[r.label, str(r.runs), fmt(r.full_acc), fmt(r.mean_drop), "-" if r.worst_block is None else
+    body = [[r.label, str(r.runs), fmt(r.full_acc), _pp(r.mean_drop), "-" if r.worst_block is None else
              f"{r.worst_block:02d}", *(fmt(b, "{:.0%}") if b is not None else "n/a" for b in r.block_acc),
              *([""] * (width - len(r.block_acc)))] for r in rows]
     return header, body
