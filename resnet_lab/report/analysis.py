@@ -20,6 +20,7 @@ from resnet_lab.report.stats import mean_ci
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 Runs = Mapping[str, Sequence[Mapping[str, float]]]  # label -> the final metrics of each run (seed)
 
@@ -167,25 +168,13 @@ def lesion_figure(cells: Runs, path: Path, *, dashed: Collection[str] = (), titl
     rows = lesion_rows(cells)
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
+    fig, ax = _axes()
     colors = _block_lines(ax, [(r.label, r.block_acc) for r in rows], dashed)
     for color, row in zip(colors, rows, strict=True):
         ax.axhline(row.full_acc.mean, linestyle=":", color=color, linewidth=1)
     ax.set(xlabel="deleted block (input to output)", ylabel="test accuracy", ylim=(0.0, 1.02),
            title=title or "lesion study: accuracy with one block deleted (dotted: intact; x: no bypass)")
-    ax.set_xticks(range(max(len(r.block_acc) for r in rows)))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, ax, max(len(r.block_acc) for r in rows), path)
 
 
 def attribution_figure(cells: Runs, path: Path, *, dashed: Collection[str] = (), title: str = "") -> Path | None:
@@ -194,18 +183,27 @@ def attribution_figure(cells: Runs, path: Path, *, dashed: Collection[str] = (),
     rows = [r for r in attribution_rows(cells) if r.shares]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
+    fig, ax = _axes()
     _block_lines(ax, [(r.label, r.shares) for r in rows], dashed)
     ax.axhline(0.5, linestyle=":", color="grey", linewidth=1)
     ax.set(xlabel="block (input to output)", ylabel="shortcut share of |attribution|", ylim=(0.0, 1.0),
            title=title or "attribution through the shortcut vs the residual branch (Captum, LayerIG)")
-    ax.set_xticks(range(max(len(r.shares) for r in rows)))
+    return _save(fig, ax, max(len(r.shares) for r in rows), path)
+
+
+def _axes() -> tuple[Figure, Axes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure as Canvas  # imported here: reports without analyses never load it
+
+    fig = Canvas(figsize=(8, 4.5))
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure, ax: Axes, blocks: int, path: Path) -> Path:
+    """Block ticks, grid, legend, tight layout; written as a PNG."""
+    ax.set_xticks(range(blocks))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
