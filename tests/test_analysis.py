@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,12 +20,7 @@ Expected = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (block, input) -
 SYNTHETIC = {"name": "synthetic", "synthetic": {"train_size": 512, "test_size": 128, "image_size": 16, "noise": 1.0}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def randomized(block: nn.Module) -> nn.Module:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,15 +17,7 @@ from resnet_lab.spec.catalog import MODEL_CATALOG
 SMALL_WIDTH = 0.25
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Run this file on one intra-op thread, restoring the count afterwards."""
-    # The tensors are tiny (batch 2, 16x16); two spinning OpenMP threads on a shared 2-core machine made this file
-    # 3x slower (76 s vs 23 s) while other jobs ran.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def variants() -> list[tuple[str, dict[str, Any]]]:

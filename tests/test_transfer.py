@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,7 @@ SYNTHETIC = {"name": "synthetic", "synthetic": {"train_size": 400, "test_size": 
 MODEL = {"name": "resnet", "depth": 10, "width": 0.125}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def trial(classes: list[int], seed: int = 0, epochs: int = 1, **model: object) -> TrialConfig:
