@@ -275,8 +275,4 @@ def with_target(cell: CellSummary, target: float) -> CellSummary:
     reached = [r for v in cell.runs if (r := v.reached(target)) is not None]
     epochs = mean_ci([e for e, _ in reached])
     seconds = mean_ci([s for _, s in reached if math.isfinite(s)])
-    return _replace(cell, to_target=(epochs, seconds, len(cell.runs) - len(reached)))
-
-
-def _replace(cell: CellSummary, **changes: object) -> CellSummary:
-    return dataclasses.replace(cell, **changes)
+    return dataclasses.replace(cell, to_target=(epochs, seconds, len(cell.runs) - len(reached)))

@@ -44,8 +44,9 @@ def _signature(cell: CellSummary) -> tuple[str, ...] | None:
     return (cell.model, cell.block, p.get("model.width", "1"), str(cell.skip), p.get("dataset.name", ""))
 
 
-def _pairs(cells: Sequence[CellSummary], baseline: str | None,
-           explicit: Sequence[Sequence[str]]) -> list[tuple[str, CellSummary, CellSummary]]:
+def pairs(cells: Sequence[CellSummary], baseline: str | None,
+          explicit: Sequence[Sequence[str]]) -> list[tuple[str, CellSummary, CellSummary]]:
+    """(kind, a, b) for every comparison the report makes: skip twins, deeper vs shallower, vs baseline, requested."""
     by_label = {c.cell: c for c in cells}
     out: list[tuple[str, CellSummary, CellSummary]] = []
     seen: set[tuple[str, str]] = set()

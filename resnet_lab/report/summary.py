@@ -16,7 +16,7 @@ from resnet_lab.report.cells import (
     summarize_cell,
     with_target,
 )
-from resnet_lab.report.compare import Comparison, _pairs, adjust, compare, conclusions
+from resnet_lab.report.compare import Comparison, adjust, compare, conclusions, pairs
 from resnet_lab.report.stats import mean_ci
 from resnet_lab.tracking.query import SweepRuns, TrialRun
 
@@ -58,5 +58,5 @@ def summarize(sweep: SweepRuns, metric: str, mode: str, reference: Mapping[str, 
         target, source = (min(bests) if bests else None), "the lowest cell's mean best val accuracy"
     if target is not None:
         cells = [with_target(c, target) for c in cells]
-    comparisons = adjust([compare(kind, a, b, target) for kind, a, b in _pairs(cells, baseline, compare_pairs)])
+    comparisons = adjust([compare(kind, a, b, target) for kind, a, b in pairs(cells, baseline, compare_pairs)])
     return Summary(sweep, metric, mode, cells, comparisons, target, source, conclusions(cells, comparisons))
