@@ -189,6 +189,12 @@ def run(loaded: LoadedSpec, args: argparse.Namespace, argv: Sequence[str]) -> in
         console.error(f"aborted; MLflow runs were marked KILLED. Continue with: {resume_cmd}")
         return EXIT_INTERRUPTED
     summary = ", ".join(f"{n} {k}" for k, n in sorted(outcome.outcomes.items())) or "none ended"
+    if outcome.tracking_lost:
+        console.error(f"the sweep stopped after {outcome.wall_s:.0f} s with MLflow unreachable "
+                      f"({outcome.tracking_lost}). Ray Tune's state is saved in {outcome.experiment_dir} and the "
+                      "writes MLflow has not taken are spooled; --resume sends them once MLflow answers")
+        console.info(f"continue with: {resume_cmd}")
+        return EXIT_INTERRUPTED
     if outcome.interrupted:
         console.info(f"interrupted after {outcome.wall_s:.0f} s: {outcome.trials}/{outcome.planned} trials ended "
                      f"({summary}); state saved in {outcome.experiment_dir}")

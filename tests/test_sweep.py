@@ -148,7 +148,9 @@ def test_same_spec_and_seeds_propose_the_same_learning_rates(two_sweeps: dict) -
     # results arrive in (README: "Cells are independent").
     assert {c: v[:2] for c, v in first.items()} == {c: v[:2] for c, v in second.items()}
     assert len(set(first["resnet8-w0.125"])) == 6  # six distinct proposals per cell
-    assert first["resnet8-w0.125"][:2] != first["resnet8-w0.125-noskip"][:2]  # each cell has its own seeded study
+    # Each cell has its own study, all seeded alike (common random numbers): the skip and no-skip cells start from
+    # the same learning rates, so the start-up draws are not a difference between the arms.
+    assert first["resnet8-w0.125"][:2] == first["resnet8-w0.125-noskip"][:2]
 
 
 def test_console_prints_progress_and_the_ui_command(two_sweeps: dict) -> None:

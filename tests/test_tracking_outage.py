@@ -138,6 +138,42 @@ def test_a_store_that_never_returns_spools_its_writes_and_a_resume_stores_them_o
     assert not spool.exists()
 
 
+class LockingTuner:
+    """Stands in for `tune.Tuner` in `_fit`: its fit() locks the SQLite store (a real outage, held until the test
+    leaves `lock`), then reports the last epoch, as Tune's callback does when a trial ends."""
+
+    def __init__(self, db: Path, last_epoch: Callable[[], None]) -> None:
+        self.db, self.last_epoch, self.lock = db, last_epoch, contextlib.ExitStack()
+
+    def fit(self) -> None:
+        self.lock.enter_context(exclusive_lock(self.db))
+        self.last_epoch()
+
+
+def test_a_store_lost_as_the_sweep_ends_leaves_it_resumable_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI once stopped the server after the last trial: `_fit`'s closing reads raised and the driver exited 1."""
+    from resnet_lab.tune.runner import _fit
+
+    monkeypatch.setenv(SPOOL_ENV, str(tmp_path / "spool"))
+    monkeypatch.setenv(GIVE_UP_ENV, "2")
+    uri, tracker, run_id = sqlite_sweep(tmp_path)
+    tuner = LockingTuner(tmp_path / "mlflow.db", lambda: tracker.log_metrics(run_id, {"val/acc": 0.5, "epoch": 1}, 1))
+    with tuner.lock:
+        outcome = _fit(tuner, tracker, "outage-1", 2, time.perf_counter(), str(tmp_path / "ray_results"))
+        assert outcome.interrupted and outcome.outcomes == {}
+        assert "listing the sweep's running trials" in outcome.tracking_lost
+        assert "database is locked" in outcome.tracking_lost
+    spool = tmp_path / "spool" / f"{tracker.parent_id}.jsonl"
+    assert [json.loads(line)["op"] for line in spool.read_text().splitlines()] == ["batch"]  # the last epoch
+    client = MlflowClient(uri)
+    # Nothing was ended: the parent and the trial stay RUNNING for `--resume` to find, continue and close.
+    assert {client.get_run(r).info.status for r in (tracker.parent_id, run_id)} == {"RUNNING"}
+    resumed = SweepTracker(uri, "outage")  # the store is back: a resume stores the spooled epoch first
+    resumed.start_sweep("outage-1", {}, {}, {}, parent_id=tracker.parent_id)
+    assert history(client, run_id) == [1] and not spool.exists()
+
+
 def test_a_bad_give_up_deadline_is_refused_before_the_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(GIVE_UP_ENV, "ten minutes")
     with pytest.raises(ValueError, match=f"{GIVE_UP_ENV} must be a number of seconds"):
@@ -252,7 +288,7 @@ def postgres() -> Iterator[Postgres]:
 SPEC = """
 name: NAME
 experiment: outage
-dataset: {name: synthetic, synthetic: {train_size: 2048, test_size: 64, image_size: 16}}
+dataset: {name: synthetic, synthetic: {train_size: TRAIN_SIZE, test_size: 64, image_size: 16}}
 model: {name: resnet, depth: 8, width: 0.125}
 trainer: {epochs: EPOCHS, batch_size: 64, threads: 1}
 grid:
@@ -265,9 +301,9 @@ max_concurrent: 2
 
 
 def start_sweep(tmp: Path, name: str, uri: str, epochs: int, give_up_s: int,
-                *extra: str) -> tuple[subprocess.Popen[str], list[str]]:
+                *extra: str, train_size: int = 2048) -> tuple[subprocess.Popen[str], list[str]]:
     spec = tmp / f"{name}.yaml"
-    spec.write_text(SPEC.replace("NAME", name).replace("EPOCHS", str(epochs)))
+    spec.write_text(SPEC.replace("NAME", name).replace("EPOCHS", str(epochs)).replace("TRAIN_SIZE", str(train_size)))
     cmd = [sys.executable, str(ROOT / "sweep.py"), str(spec), "--tracking-uri", uri, "--storage",
            str(tmp / "ray_results"), *extra]
     env = {**os.environ, GIVE_UP_ENV: str(give_up_s), SPOOL_ENV: str(tmp / "spool"), "PYTHONUNBUFFERED": "1"}
@@ -382,7 +418,9 @@ def test_a_sweep_outlives_its_postgres_store_restarting(tmp_path: Path, postgres
 def test_a_server_that_never_returns_stops_the_sweep_resumably(tmp_path: Path, postgres: Postgres) -> None:
     server = MlflowServer(postgres.uri, tmp_path)
     try:
-        proc, cmd = start_sweep(tmp_path, "gone", server.uri, epochs=12, give_up_s=20)
+        # 4x the images per epoch of the other tests: the server must go while trials still train (in CI the
+        # 2,048-image sweep once finished between the first epoch and the stop; that path has its own test above).
+        proc, cmd = start_sweep(tmp_path, "gone", server.uri, epochs=12, give_up_s=20, train_size=8192)
         wait_for(lambda: first_epochs_logged(server.uri, "gone"), 300, "the first epochs in MLflow")
         before = results_reported(tmp_path)
         server.stop()

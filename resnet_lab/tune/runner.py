@@ -25,7 +25,7 @@ from resnet_lab import console
 from resnet_lab.provenance import provenance
 from resnet_lab.spec.load import LoadedSpec
 from resnet_lab.spec.sweep import AshaConfig
-from resnet_lab.tracking import TAG_OUTCOME, TAG_SPEC_HASH, SweepTracker
+from resnet_lab.tracking import TAG_OUTCOME, TAG_SPEC_HASH, SweepTracker, TrackingUnavailable
 from resnet_lab.tune.callbacks import TrackingCallback
 from resnet_lab.tune.capacity import Capacity, concurrency_limit, describe, read_capacity, resource_problems
 from resnet_lab.tune.checkpoints import CheckpointPruner
@@ -63,6 +63,9 @@ class SweepOutcome:
     outcomes: dict[str, int] = field(default_factory=dict)  # outcome -> count of child runs
     wall_s: float = 0.0
     interrupted: bool = False
+    # Why MLflow could not be told how the sweep ended (the store stopped answering); its unsent writes are spooled
+    # and `--resume` sends them. Empty when the store took every write.
+    tracking_lost: str = ""
 
     @property
     def trials(self) -> int:
@@ -279,17 +282,27 @@ def _fit(tuner: tune.Tuner, tracker: SweepTracker, name: str, total: int, start:
         status = "KILLED"
         raise
     finally:
-        tracker.close_running("KILLED")
         counts: dict[str, int] = {}
-        for run in tracker.children():
-            outcome = run.data.tags.get(TAG_OUTCOME)
-            if outcome:
-                counts[outcome] = counts.get(outcome, 0) + 1
-        interrupted = sum(counts.values()) < total
-        if status == "FINISHED" and interrupted:
-            status = "KILLED"  # Tune's graceful Ctrl-C path: state saved, trials left to resume
-        tracker.set_tags(tracker.parent_id, {**{f"trials_{k}": str(v) for k, v in counts.items()},
-                                             "interrupted": str(interrupted).lower()})
-        tracker.end_run(tracker.parent_id, status)
+        lost = ""
+        try:
+            tracker.close_running("KILLED")
+            for run in tracker.children():
+                outcome = run.data.tags.get(TAG_OUTCOME)
+                if outcome:
+                    counts[outcome] = counts.get(outcome, 0) + 1
+        except TrackingUnavailable as exc:
+            # The store went away (during the sweep or after its last trial): Tune's state is saved and the writes
+            # MLflow has not taken are in the spool, so the sweep is resumable. Don't let a traceback here replace
+            # the exception (if any) tuner.fit() raised, or hide how to continue.
+            lost = str(exc)
+        interrupted = bool(lost) or sum(counts.values()) < total
+        if not lost:
+            if status == "FINISHED" and interrupted:
+                status = "KILLED"  # Tune's graceful Ctrl-C path: state saved, trials left to resume
+            tracker.set_tags(tracker.parent_id, {**{f"trials_{k}": str(v) for k, v in counts.items()},
+                                                 "interrupted": str(interrupted).lower()})
+            tracker.end_run(tracker.parent_id, status)
+            if not tracker.flush():
+                lost, interrupted = f"MLflow at {tracker.uri} stopped answering as the sweep ended", True
     return SweepOutcome(name, tracker.parent_id, tracker.experiment_id, experiment_dir, total, counts,
-                        time.perf_counter() - start, interrupted)
+                        time.perf_counter() - start, interrupted, lost)
