@@ -169,7 +169,9 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_sweep(tmp_path: Path)
 @pytest.mark.timeout(1500)
 def test_sigkill_of_the_driver_then_resume_reattaches_runs(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, "sigkill")
-    driver = start(tmp_path, sweep_cmd(tmp_path, spec))
+    # Tune saves its experiment state at most every 10 s by default, longer than these 5-epoch trials: in CI every
+    # trial once ended between two saves and no saved state ever held a running trial. Save every second instead.
+    driver = Watched(sweep_cmd(tmp_path, spec), tmp_path, env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
     driver.wait_for_line("[2/", timeout_s=300)
     # Kill only once Tune's saved state (what --resume reads) holds a checkpoint of a trial still training.
     wait_until(lambda: snapshot_checkpoints(tmp_path / "ray_results", "sigkill"), 180,

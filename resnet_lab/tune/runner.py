@@ -231,6 +231,10 @@ def run_sweep(loaded: LoadedSpec, options: RunOptions) -> SweepOutcome:
         if parent.data.tags.get(TAG_SPEC_HASH) != loaded.spec_hash:
             raise PreflightError(f"the spec changed since '{name}' started (hash {parent.data.tags.get(TAG_SPEC_HASH)}"
                                  f", now {loaded.spec_hash}); resume needs the same spec and --set values")
+        if options.max_concurrent is not None:
+            # Tuner.restore() takes the TuneConfig saved when the sweep started (its public API has no override).
+            console.info(f"note: --max-concurrent {options.max_concurrent} does not apply to --resume: the sweep "
+                         "continues with the concurrency it started with")
         tracker.start_sweep(name, {}, {}, {}, parent_id=parent.info.run_id)
         init_ray(options.address, options.ray_temp_dir)
         check_resources(loaded)
