@@ -1,7 +1,8 @@
-"""A bare Ray Tune run of a spec's trials, for `sweep_overhead.py` and `startup.py`: no MLflow, no checkpoints,
-no logging callbacks, no searcher; one trial per seed of the spec's first cell, reporting each epoch's metrics.
+"""A bare Ray Tune run of a spec's trials, for `sweep_overhead.py`, `startup.py` and `scaling.py`: no MLflow, no
+checkpoints, no logging callbacks, no searcher; one trial per seed of the spec's first cell (or of seeds 0..N-1 with
+--trials N), reporting each epoch's metrics.
 
-    python benchmarks/_raw_tune.py SPEC.yaml --storage DIR --ray-temp-dir DIR [--reuse-actors]
+    python benchmarks/_raw_tune.py SPEC.yaml --storage DIR --ray-temp-dir DIR [--reuse-actors] [--trials N]
 
 Prints `FIRST_RESULT <unix time>` when the driver receives the first epoch's result and `RAW_FIT_S <seconds>`
 (Tuner.fit only) before exiting.
@@ -22,6 +23,8 @@ def main() -> int:
     p.add_argument("--ray-temp-dir", default=None)
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--reuse-actors", action="store_true")
+    p.add_argument("--trials", type=int, default=None,
+                   help="run this many trials, seeds 0..N-1 of the first cell (default: the spec's seeds)")
     args = p.parse_args()
 
     import ray
@@ -53,7 +56,7 @@ def main() -> int:
     ray.init(include_dashboard=False, log_to_driver=False, _temp_dir=args.ray_temp_dir)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": loaded.spec.resources.cpu}),
-        param_space={"seed": tune.grid_search(list(loaded.spec.seeds))},
+        param_space={"seed": tune.grid_search(list(range(args.trials) if args.trials else loaded.spec.seeds))},
         tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=args.reuse_actors),
         run_config=tune.RunConfig(name="raw", storage_path=args.storage, verbose=0, callbacks=[FirstResult()]),
     )
