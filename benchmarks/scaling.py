@@ -25,10 +25,10 @@ Figures per run (`sweep_overhead.summarize` for the span-based ones):
   (earlier runs of the same cell there: "measured") and once against an empty one ("timed" training steps).
 
 Goals (issue 15): per-trial overhead at the largest N at most 1.2x that at N = 50, and at most 1.2x the bare
-Tuner's at the same N. `--results FILE` appends every run's figures as JSON lines and judges the goals over all of
-the file (so N = 1,000 can run in a later invocation than N = 50).
+Tuner's at the same N. `--results FILE` saves every run's figures (JSON lines) as the run ends and judges the goals
+over the whole file, so N = 1,000 can run in a later invocation than N = 50; `--show` prints a file's tables.
 
-    python benchmarks/scaling.py [--quick] [--sizes 50,200,1000] [--stores sqlite,postgres] [--results FILE]
+    python benchmarks/scaling.py [--quick] [--sizes 50,200,1000] [--stores sqlite,postgres] [--results FILE] [--show]
 """
 
 from __future__ import annotations
@@ -249,21 +249,39 @@ def span_ends(storage: Path) -> tuple[float, float]:
 
 
 def row(n: int, path: str, store: str, proc: Process, storage: Path, cost: float) -> dict[str, Any]:
-    """Everything measured for one run, as one JSON-able dict."""
-    s = summarize(path, proc.wall_s, storage, n, cost)
+    """Everything measured for one run, as one JSON-able dict (per-trial figures are derived when printed)."""
+    s = summarize(path, proc.wall_s, storage, n, cost)  # also checks that every trial left its results
     first, last = span_ends(storage)
     return {"n": n, "path": path, "store": store, "cost_s": cost, "wall_s": proc.wall_s, "span_s": s["span"],
-            "startup_s": first - proc.launch, "shutdown_s": proc.exit - last, "per_trial_s": s["per_trial"],
-            "per_trial_warm_s": s["per_trial_warm"],
-            "whole_per_trial_s": (CONCURRENCY * proc.wall_s - n * cost) / n, "work_s": s["work"],
+            "startup_s": first - proc.launch, "shutdown_s": proc.exit - last, "work_s": s["work"],
             "driver_cpu_s": proc.cpu_s, "store_cpu_s": proc.store_cpu_s, "samples": proc.samples,
             "sampled_s": proc.sampled_s, "profiler_cpu_s": proc.profiler_cpu_s, "load": os.getloadavg()[0],
             "when": time.strftime("%Y-%m-%d %H:%M")}
 
 
+def per_trial_s(r: dict[str, Any]) -> float:
+    """Trial-slot seconds each trial cost beyond C over the span of the trials: (2 x span - N x C) / N."""
+    return (CONCURRENCY * r["span_s"] - r["n"] * r["cost_s"]) / r["n"]
+
+
+def whole_per_trial_s(r: dict[str, Any]) -> float:
+    """The same over the whole run, start-up and shutdown included: (2 x wall - N x C) / N."""
+    return (CONCURRENCY * r["wall_s"] - r["n"] * r["cost_s"]) / r["n"]
+
+
+def save(results: Path | None, rows: Sequence[dict[str, Any]]) -> None:
+    """Write `rows` into the results file, replacing earlier versions of the same runs (same `id`)."""
+    if results is None:
+        return
+    ids = {r["id"] for r in rows}
+    kept = [line for line in (results.read_text().splitlines() if results.exists() else [])
+            if line.strip() and json.loads(line).get("id") not in ids]
+    results.write_text("".join(line + "\n" for line in kept + [json.dumps(r) for r in rows]))
+
+
 def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, env: dict[str, str], cost: float,
-             rate: int) -> list[dict[str, Any]]:
-    """The bare Tuner, then sweep.py on each store, for `n` trials."""
+             rate: int, results: Path | None) -> list[dict[str, Any]]:
+    """The bare Tuner, then sweep.py on each store, for `n` trials; each run saved to `results` as it ends."""
     spec = tmp / f"scaling-n{n}.yaml"
     spec.write_text(SPEC.format(trials=n, images=IMAGES, epochs=EPOCHS, concurrency=CONCURRENCY))
     timeout = 600 + 10 * n
@@ -274,6 +292,8 @@ def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, e
                       "--ray-temp-dir", str(work / "ray"), "--reuse-actors", "--trials", str(n),
                       "--max-concurrent", str(CONCURRENCY)], work, env, timeout)
     out.append(row(n, "bare Tuner, reuse_actors", "-", proc, work / "results", cost))
+    out[-1].update(id=f"{tmp.name}-n{n}-bare", run=tmp.name)
+    save(results, out)
     print(f"  N={n} bare Tuner: wall {proc.wall_s:.1f} s", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     for name in names:
@@ -288,8 +308,9 @@ def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, e
                           "--storage", str(work / "results"), "--ray-temp-dir", str(work / "ray")],
                          work, env, timeout, profile_hz=rate, store_roots=store.roots())
         r = row(n, "sweep.py", name, proc, work / "results", cost)
-        r["estimates"] = estimates
+        r.update(estimates=estimates, id=f"{tmp.name}-n{n}-{name}", run=tmp.name)
         out.append(r)
+        save(results, out)
         print(f"  N={n} sweep.py ({name}): wall {proc.wall_s:.1f} s", flush=True)
         shutil.rmtree(work / "ray", ignore_errors=True)
         shutil.rmtree(work / "results", ignore_errors=True)
@@ -297,21 +318,24 @@ def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, e
 
 
 # -- tables ---------------------------------------------------------------------------------------------------------
-def bare_of(rows: Sequence[dict[str, Any]], n: int) -> dict[str, Any] | None:
-    return next((r for r in rows if r["n"] == n and r["path"].startswith("bare")), None)
+def bare_of(rows: Sequence[dict[str, Any]], mine: dict[str, Any]) -> dict[str, Any] | None:
+    """The bare Tuner's run at the same N, from the same invocation when there is one."""
+    bare = [r for r in rows if r["n"] == mine["n"] and r["path"].startswith("bare")]
+    same = [r for r in bare if r.get("run") == mine.get("run")]
+    return (same or bare or [None])[0]
 
 
 def print_tables(rows: list[dict[str, Any]]) -> None:
     """The per-run table, where ours' driver CPU goes, and the estimates."""
     lines = []
     for r in rows:
-        bare = bare_of(rows, r["n"])
+        bare = bare_of(rows, r)
         lines.append([f"{r['n']:,}", r["path"], r["store"], f"{r['wall_s']:.0f}", f"{r['startup_s']:.0f}",
-                      f"{r['span_s']:.0f}", f"{r['shutdown_s']:.0f}", f"{r['per_trial_s']:.2f}",
-                      f"{r['whole_per_trial_s']:.2f}", f"{r['driver_cpu_s']:.0f}",
+                      f"{r['span_s']:.0f}", f"{r['shutdown_s']:.0f}", f"{per_trial_s(r):.2f}",
+                      f"{whole_per_trial_s(r):.2f}", f"{r['driver_cpu_s']:.0f}",
                       f"{r['driver_cpu_s'] / r['n']:.3f}",
                       "-" if r["store_cpu_s"] is None else f"{r['store_cpu_s'] / r['n']:.3f}",
-                      f"{r['per_trial_s'] / bare['per_trial_s']:.2f}" if bare else "-",
+                      f"{per_trial_s(r) / per_trial_s(bare):.2f}" if bare else "-",
                       f"{r['wall_s'] / bare['wall_s']:.2f}" if bare else "-"])
     cost = median([r["cost_s"] for r in rows])
     show(f"scaling: N trials x {EPOCHS} epochs (known cost C = {cost:.2f} s each), {CONCURRENCY} at a time",
@@ -349,11 +373,10 @@ def print_goals(rows: list[dict[str, Any]]) -> None:
         ours = {r["n"]: r for r in rows if r["store"] == store}
         small = ours.get(50) or ours.get(min(ours))
         for n in sorted(ours):
-            r, bare = ours[n], bare_of(rows, n)
-            growth = r["per_trial_s"] / small["per_trial_s"]
-            versus = r["per_trial_s"] / bare["per_trial_s"] if bare else float("nan")
-            lines.append([store, f"{n:,}", f"{r['per_trial_s']:.2f}",
-                          f"{bare['per_trial_s']:.2f}" if bare else "-",
+            r, bare = ours[n], bare_of(rows, ours[n])
+            growth = per_trial_s(r) / per_trial_s(small)
+            versus = per_trial_s(r) / per_trial_s(bare) if bare else float("nan")
+            lines.append([store, f"{n:,}", f"{per_trial_s(r):.2f}", f"{per_trial_s(bare):.2f}" if bare else "-",
                           f"{growth:.2f} ({'met' if growth <= GOAL else 'not met'})",
                           f"{versus:.2f} ({'met' if versus <= GOAL else 'not met'})",
                           f"{1000 * r['driver_cpu_s'] / n:.0f}", r["when"]])
@@ -362,15 +385,27 @@ def print_goals(rows: list[dict[str, Any]]) -> None:
          lines)
 
 
+def load(results: Path) -> list[dict[str, Any]]:
+    """Every run saved in a results file."""
+    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+
+
 def main() -> int:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default=None, help="trial counts, comma-separated (default 50,200,1000; --quick 20,50)")
     p.add_argument("--stores", default=None, help="sqlite,postgres (default both; --quick sqlite)")
     p.add_argument("--rate", type=int, default=20, help="py-spy samples per second of ours' driver (0: off)")
     p.add_argument("--results", type=Path, default=None,
-                   help="append each run's figures (JSON lines) here and judge the goals over the whole file")
+                   help="save each run's figures here (JSON lines) as it ends; the goals are judged over the file")
+    p.add_argument("--show", action="store_true", help="print the tables of --results FILE and exit (no runs)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args()
+    if args.show:
+        if not args.results or not args.results.exists():
+            sys.exit("--show needs --results FILE (an existing file written by an earlier run)")
+        print_tables(load(args.results))
+        print_goals(load(args.results))
+        return 0
     if args.device == "cuda":
         sys.exit("scaling.py measures orchestration with CPU trials; --device cuda is not supported")
     sizes = [int(x) for x in (args.sizes or ("20,50" if args.quick else "50,200,1000")).split(",")]
@@ -389,27 +424,20 @@ def main() -> int:
     spec = tmp / "cost.yaml"
     spec.write_text(SPEC.format(trials=1, images=IMAGES, epochs=EPOCHS, concurrency=CONCURRENCY))
     costs = known_cost(spec, 3)
+    print(f"  known cost C, before the runs: {', '.join(f'{c:.2f}' for c in costs)} s", flush=True)
     rows: list[dict[str, Any]] = []
     with stores(names, tmp) as found:
         for n in sizes:
-            rows += run_size(n, names, found, tmp, env, median(costs), args.rate)
+            rows += run_size(n, names, found, tmp, env, median(costs), args.rate, args.results)
     costs += known_cost(spec, 3)
     cost = median(costs)
     print(f"  known cost C of one trial (fit() in-process, 1 thread, alone): median {cost:.2f} s (range "
           f"{min(costs):.2f}-{max(costs):.2f} s over {len(costs)} runs)\n", flush=True)
-    for r in rows:  # the per-trial figures against the median of all of C's measurements
-        r["per_trial_s"] += r["cost_s"] - cost
-        r["per_trial_warm_s"] += r["cost_s"] - cost
-        r["whole_per_trial_s"] += r["cost_s"] - cost
+    for r in rows:  # every run of this invocation against the median of all of C's measurements
         r["cost_s"] = cost
+    save(args.results, rows)
     print_tables(rows)
-    everything = rows
-    if args.results:
-        with args.results.open("a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        everything = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
-    print_goals(everything)
+    print_goals(load(args.results) if args.results else rows)
     print(machine_line("cpu"))
     if not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
