@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -164,18 +165,21 @@ def timed_run(cmd: list[str], work: Path, env: dict[str, str], timeout_s: float,
                                 "raw", "--nonblocking", "--output", str(raw)],
                                stdout=subprocess.DEVNULL, stderr=(work / "pyspy.log").open("w"))
     cpu = spy_cpu = 0.0
-    while proc.poll() is None:
-        cpu = proc_cpu_s(proc.pid) or cpu  # the last reading before exit: at most 0.5 s of CPU is missed
-        spy_cpu = (proc_cpu_s(spy.pid) or spy_cpu) if spy is not None else 0.0
-        if time.perf_counter() - start > timeout_s:
-            proc.terminate()  # sweep.py takes SIGTERM as Ctrl-C: Ray and its workers are shut down
+    try:
+        while proc.poll() is None:
+            cpu = proc_cpu_s(proc.pid) or cpu  # the last reading before exit: at most 0.5 s of CPU is missed
+            spy_cpu = (proc_cpu_s(spy.pid) or spy_cpu) if spy is not None else 0.0
+            if time.perf_counter() - start > timeout_s:
+                sys.exit(f"{' '.join(cmd)}: still running after {timeout_s:.0f} s; stopped (see {work / 'out.log'})")
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:  # timed out, or this benchmark was stopped: stop the run too
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune stops, Ray and its workers are shut down
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            sys.exit(f"{' '.join(cmd)}: still running after {timeout_s:.0f} s; killed (see {work / 'out.log'})")
-        time.sleep(0.5)
     wall, end = time.perf_counter() - start, time.time()
     log.close()
     if spy is not None:
@@ -400,6 +404,7 @@ def main() -> int:
     p.add_argument("--show", action="store_true", help="print the tables of --results FILE and exit (no runs)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill PID`: stop the run and the servers cleanly
     if args.show:
         if not args.results or not args.results.exists():
             sys.exit("--show needs --results FILE (an existing file written by an earlier run)")
