@@ -142,7 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host  # a bind-all address is no URL
     base = f"http://{shown_host}:{args.port}"
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT too: a process started in the background by a non-interactive shell (`sweep.py ui &`, nohup) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler: Ctrl-C / kill -INT would do nothing.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     proc = subprocess.Popen(server_command(uri, args.host, args.port), env=server_env(), start_new_session=True)
     try:
         console.info(f"starting the MLflow UI for {uri} ...")
@@ -162,4 +164,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         stop(proc)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -176,6 +176,8 @@ max_failures: 2
 """
 
 
+# soak: a DDP variant of test_reliability's killed-trial retry (2 min on 2 CPUs)
+@pytest.mark.soak
 @pytest.mark.slow
 def test_a_killed_ddp_worker_resumes_the_trial_from_its_checkpoint(tmp_path: Path) -> None:
     spec = tmp_path / "ddpkill.yaml"

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEC = """
 name: NAME
 experiment: reliability
-dataset: {name: synthetic, synthetic: {train_size: 1024, test_size: 64, image_size: 16}}
+dataset: {name: synthetic, synthetic: {train_size: TRAIN_SIZE, test_size: 64, image_size: 16}}
 model: {name: resnet, depth: 8, width: 0.125}
 trainer: {epochs: EPOCHS, batch_size: 64, threads: 1}
 grid:
@@ -42,10 +42,11 @@ pytestmark = pytest.mark.slow
 TAG_RESUMED = "resumed_from_epoch"
 
 
-def write_spec(tmp: Path, name: str, epochs: int = 5, samples: int = 3, extra: str = "") -> Path:
+def write_spec(tmp: Path, name: str, epochs: int = 5, samples: int = 3, extra: str = "",
+               train_size: int = 1024) -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(SPEC.replace("NAME", name).replace("EPOCHS", str(epochs)).replace("SAMPLES", str(samples))
-                    + extra)
+                    .replace("TRAIN_SIZE", str(train_size)) + extra)
     return path
 
 
@@ -141,7 +142,9 @@ def assert_resumed_from_checkpoints(after: dict[str, Any], saved: dict[str, int]
 
 @pytest.mark.timeout(1500)
 def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_sweep(tmp_path: Path) -> None:
-    spec = write_spec(tmp_path, "sigint")
+    # 4x the images per epoch: a trial lasts a few seconds, not under two, so the Ctrl-C sent once a running trial
+    # has an epoch in MLflow still finds it running (it once ended first, and the saved state held no checkpoint).
+    spec = write_spec(tmp_path, "sigint", train_size=4096)
     rc, out, err = interrupt_after_first_trials(tmp_path, spec, signal.SIGINT, mid_trial=True)
     assert rc == 130, out + err
     assert "continue with:" in out and "--resume" in out and "Traceback" not in err

@@ -281,6 +281,8 @@ def test_sigkill_then_resume_from_an_s3_bucket(s3: S3Server, tmp_path: Path) -> 
     assert not (tmp_path / "ray_results").exists()
 
 
+# soak: the S3 test in the default run covers resume from a URI; this is the file:// variant
+@pytest.mark.soak
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_sigkill_then_resume_from_a_file_uri(tmp_path: Path) -> None:

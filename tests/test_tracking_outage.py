@@ -371,6 +371,8 @@ def buffered(err: str) -> list[int]:
     return [int(m) for m in re.findall(r"storing the (\d+) buffered write", err)]
 
 
+# soak: an outage and return, like the PostgreSQL and SQLite ones in the default run, through an mlflow server
+@pytest.mark.soak
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_sweep_outlives_its_mlflow_server_restarting(tmp_path: Path, postgres: Postgres) -> None:
