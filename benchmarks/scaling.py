@@ -285,21 +285,11 @@ def save(results: Path | None, rows: Sequence[dict[str, Any]]) -> None:
 
 def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, env: dict[str, str], cost: float,
              rate: int, results: Path | None) -> list[dict[str, Any]]:
-    """The bare Tuner, then sweep.py on each store, for `n` trials; each run saved to `results` as it ends."""
+    """sweep.py on each store, then the bare Tuner, for `n` trials; each run saved to `results` as it ends."""
     spec = tmp / f"scaling-n{n}.yaml"
     spec.write_text(SPEC.format(trials=n, images=IMAGES, epochs=EPOCHS, concurrency=CONCURRENCY))
     timeout = 600 + 10 * n
     out = []
-    work = tmp / f"n{n}-bare"
-    work.mkdir()
-    proc = timed_run([sys.executable, str(HERE / "_raw_tune.py"), str(spec), "--storage", str(work / "results"),
-                      "--ray-temp-dir", str(work / "ray"), "--reuse-actors", "--trials", str(n),
-                      "--max-concurrent", str(CONCURRENCY)], work, env, timeout)
-    out.append(row(n, "bare Tuner, reuse_actors", "-", proc, work / "results", cost))
-    out[-1].update(id=f"{tmp.name}-n{n}-bare", run=tmp.name)
-    save(results, out)
-    print(f"  N={n} bare Tuner: wall {proc.wall_s:.1f} s", flush=True)
-    shutil.rmtree(work, ignore_errors=True)
     for name in names:
         store = found[name]
         work = tmp / f"n{n}-{name}"
@@ -318,6 +308,16 @@ def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, e
         print(f"  N={n} sweep.py ({name}): wall {proc.wall_s:.1f} s", flush=True)
         shutil.rmtree(work / "ray", ignore_errors=True)
         shutil.rmtree(work / "results", ignore_errors=True)
+    work = tmp / f"n{n}-bare"
+    work.mkdir()
+    proc = timed_run([sys.executable, str(HERE / "_raw_tune.py"), str(spec), "--storage", str(work / "results"),
+                      "--ray-temp-dir", str(work / "ray"), "--reuse-actors", "--trials", str(n),
+                      "--max-concurrent", str(CONCURRENCY)], work, env, timeout)
+    out.append(row(n, "bare Tuner, reuse_actors", "-", proc, work / "results", cost))
+    out[-1].update(id=f"{tmp.name}-n{n}-bare", run=tmp.name)
+    save(results, out)
+    print(f"  N={n} bare Tuner: wall {proc.wall_s:.1f} s", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
     return out
 
 
