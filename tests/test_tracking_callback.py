@@ -17,6 +17,7 @@ from PIL import Image
 from ray.tune import Checkpoint
 from ray.tune.experiment import Trial
 
+from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.spec.load import load_spec
 from resnet_lab.spec.sweep import Cell
 from resnet_lab.tracking import SweepTracker
@@ -179,8 +180,12 @@ def test_trial_figures_wait_for_a_spare_core_and_are_all_drawn_when_the_sweep_en
                     trial_id=f"t{s}", stub=True) for s in range(3)]
     for trial in trials:
         for epoch in (1, 2, 3, 4):
-            callback.on_trial_result(epoch, trials, trial, {**result(epoch, 0.1 * epoch), "test/acc": 0.3})
+            reported = {**result(epoch, 0.1 * epoch), **({"test/acc": 0.3, OUTCOME_KEY: "completed"} if epoch == 4
+                                                           else {})}
+            trial.update_last_result(reported)  # as Tune does before it calls the callbacks
+            callback.on_trial_result(epoch, trials, trial, reported)
         callback.on_trial_complete(4, trials, trial)
+        assert callback.outcomes[trial.trial_id] == "completed"  # the trainer's word, read off the last result
     client = MlflowClient(uri)
     run_ids = [callback.runs[t.trial_id] for t in trials]
     assert waiting.wait(timeout=60), "the figure thread never started waiting for a spare core"

@@ -17,6 +17,7 @@ from ray.tune.experiment import Trial
 
 from resnet_lab import console
 from resnet_lab.console import LiveView
+from resnet_lab.outcome import OUTCOME_KEY, Outcome
 from resnet_lab.spec import TrialConfig
 from resnet_lab.spec.sweep import Cell, model_label
 from resnet_lab.tracking import (
@@ -208,20 +209,16 @@ class TrackingCallback(Callback):
             self.view.trial_update(trial.trial_id, run_name(trial.config), trial.config["cell"], metrics)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        history = self.history.get(trial.trial_id, [])
-        last = history[-1] if history else {}
+        ended = (trial.last_result or {}).get(OUTCOME_KEY)  # the trainer's word, on its last report
         tags: dict[str, str] = {}
         stopped_at = self.scheduler.stopped_at.get(trial.trial_id) if self.scheduler else None
-        if last.get("diverged"):
-            outcome, status = "diverged", "FINISHED"
-        elif "test/acc" in last:
-            outcome, status = ("completed" if last.get("epoch", 0) >= self._epochs(trial) else "early_stopped",
-                               "FINISHED")
+        if ended is not None:
+            outcome, status = Outcome(ended), "FINISHED"
         elif stopped_at is not None:
-            outcome, status = "stopped", "KILLED"
+            outcome, status = Outcome.STOPPED, "KILLED"
             tags = {TAG_STOPPED_BY: "asha", TAG_RUNG: str(stopped_at)}
         else:
-            outcome, status = "stopped", "KILLED"  # time budget or the user; not a failure of the trial
+            outcome, status = Outcome.STOPPED, "KILLED"  # time budget or the user; not a failure of the trial
             tags = {TAG_STOPPED_BY: "tune"}
         self._finish(trial, outcome, status, tags)
 
@@ -229,7 +226,8 @@ class TrackingCallback(Callback):
         error = _error_text(trial)
         run_id = self._run_id(trial)
         self.tracker.log_text(run_id, error, "error.txt")
-        self._finish(trial, "failed", "FAILED", {TAG_ERROR: error.strip().splitlines()[-1][:4000] if error else ""})
+        last_line = error.strip().splitlines()[-1][:4000] if error else ""
+        self._finish(trial, Outcome.FAILED, "FAILED", {TAG_ERROR: last_line})
 
     def _log_files(self, run_id: str, files: dict[str, str]) -> None:
         """Files a trial sent base64-encoded in its result (analysis figures) as artifacts of its run."""
@@ -239,18 +237,15 @@ class TrackingCallback(Callback):
                 path.write_bytes(base64.b64decode(data))
             self.tracker.log_artifacts(run_id, paths)
 
-    def _epochs(self, trial: Trial) -> int:
-        return trial_config(self.cells[trial.config["cell"]].base, trial.config).trainer.epochs
-
-    def _finish(self, trial: Trial, outcome: str, status: str, tags: dict[str, str]) -> None:
+    def _finish(self, trial: Trial, outcome: Outcome, status: str, tags: dict[str, str]) -> None:
         run_id = self._run_id(trial)
-        self.tracker.set_tags(run_id, {TAG_OUTCOME: outcome, **tags})
+        self.tracker.set_tags(run_id, {TAG_OUTCOME: str(outcome), **tags})
         self.tracker.end_run(run_id, status)  # the status is recorded now; the figures follow in the background
         history = self.history.pop(trial.trial_id, [])  # done: out of the state Tune snapshots
         if history:
             self._background().put((run_id, run_name(trial.config), list(history),
                                     self.grads.pop(trial.trial_id, {})))
-        self.outcomes[trial.trial_id] = outcome
+        self.outcomes[trial.trial_id] = str(outcome)
         if self.view is not None:
             detail = f"(ASHA at epoch {tags[TAG_RUNG]})" if TAG_RUNG in tags else ""
             self.view.trial_done(trial.trial_id, run_name(trial.config), outcome, detail)

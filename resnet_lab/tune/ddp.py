@@ -13,6 +13,7 @@ from typing import Any
 
 from ray import tune
 
+from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.spec import TrialConfig
 from resnet_lab.tune.trainable import RESUMED_KEY, placement_of, trial_config
 
@@ -37,6 +38,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     def report(epoch: Any) -> None:
         metrics = dict(epoch.metrics)
+        if epoch.status is not None:  # the last report: how the trial ended, as the trainer decided
+            metrics[OUTCOME_KEY] = str(epoch.status)
         if resume is not None:  # as single-worker trials: the record says from which epoch this run continued
             metrics[RESUMED_KEY] = resume.epoch
         if rank != 0:  # every worker reports (Train waits for all); rank 0 alone writes the checkpoint

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray import tune
 
+from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.spec import DatasetConfig, ResolvedTrainer, TrialConfig
 from resnet_lab.spec.sweep import with_values
 
@@ -79,6 +80,8 @@ def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig]) -> None:
 
     def report(epoch: Any) -> None:
         metrics = {**epoch.metrics, "node_id": node_id}
+        if epoch.status is not None:  # the last report: how the trial ended, as the trainer decided
+            metrics[OUTCOME_KEY] = str(epoch.status)
         if resume is not None:  # this process continued from a checkpoint: the record says from which epoch
             metrics[RESUMED_KEY] = resume.epoch
         if epoch.artifacts:  # analysis figures (resnet_lab.analysis), a few tens of KB
