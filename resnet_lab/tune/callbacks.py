@@ -35,7 +35,7 @@ from resnet_lab.tracking import (
 )
 from resnet_lab.tune.figures import FigureRenderer, wait_for_spare_cpu
 from resnet_lab.tune.schedule import CellScheduler
-from resnet_lab.tune.trainable import ARTIFACTS_KEY, META_KEYS, RESUMED_KEY, trial_config
+from resnet_lab.tune.trainable import ARTIFACTS_KEY, META_KEYS, RESUMED_KEY, TrialMeta, trial_config
 
 log = logging.getLogger(__name__)
 TRAINER_SCALARS = ("epoch", "workers", "lr", "epoch_time_s", "train_time_s", "eval_time_s", "throughput_img_s",
@@ -57,19 +57,20 @@ def run_name(config: dict[str, Any]) -> str:
     """`resnet18-noskip-lr3.2e-04-s0`: cell, searched values, seed; `-confirm` for the confirm stage."""
     searched = [f"{k.split('.')[-1].replace('_', '')}{_short(v)}" for k, v in sorted(config.items())
                 if k not in META_KEYS]
-    parts = [config["cell"], *searched, f"s{config['seed']}"]
-    if config.get("stage") == "confirm":
+    meta = TrialMeta.of(config)
+    parts = [meta.cell, *searched, f"s{meta.seed}"]
+    if meta.stage == "confirm":
         parts.append("confirm")
     return "-".join(parts)
 
 
-def trial_params(cfg: TrialConfig, config: dict[str, Any]) -> dict[str, Any]:
+def trial_params(cfg: TrialConfig, meta: TrialMeta) -> dict[str, Any]:
     """MLflow params: short columns for the UI (arch, depth, skip, lr, seed) plus the whole resolved config."""
     tc = cfg.trainer.resolved()
     flat = {**cfg.to_flat(), **{f"trainer.{k}": v for k, v in tc.model_dump().items() if v is not None}}
     return {"arch": model_label(cfg.model), "model": cfg.model.name, "depth": cfg.model.depth or "default",
             "skip": cfg.model.skip if cfg.model.skip is not None else "n/a", "lr": tc.lr, "seed": cfg.seed,
-            "cell": config["cell"], "stage": config.get("stage", "search"), **flat}
+            "cell": meta.cell, "stage": meta.stage, **flat}
 
 
 class TrackingCallback(Callback):
@@ -162,10 +163,11 @@ class TrackingCallback(Callback):
     def _run_id(self, trial: Trial) -> str:
         if trial.trial_id not in self.runs:
             config = trial.config
-            cfg = trial_config(self.cells[config["cell"]].base, config)
-            tags = {TAG_CELL: config["cell"], TAG_STAGE: config.get("stage", "search"), TAG_SEED: str(config["seed"])}
+            meta = TrialMeta.of(config)
+            cfg = trial_config(self.cells[meta.cell].base, config)
+            tags = {TAG_CELL: meta.cell, TAG_STAGE: meta.stage, TAG_SEED: str(meta.seed)}
             self.runs[trial.trial_id] = self.tracker.start_trial(trial.trial_id, run_name(config),
-                                                                 trial_params(cfg, config), tags)
+                                                                 trial_params(cfg, meta), tags)
             if not self.tracker.reopened:
                 self.logged[trial.trial_id] = 0  # a new run of a new sweep: nothing recorded yet, no need to ask
         return self.runs[trial.trial_id]
@@ -206,7 +208,7 @@ class TrackingCallback(Callback):
         self.grads.setdefault(trial.trial_id, {}).update(
             {k: v for k, v in metrics.items() if k.startswith("gradflow/")})
         if self.view is not None:
-            self.view.trial_update(trial.trial_id, run_name(trial.config), trial.config["cell"], metrics)
+            self.view.trial_update(trial.trial_id, run_name(trial.config), TrialMeta.of(trial.config).cell, metrics)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         ended = (trial.last_result or {}).get(OUTCOME_KEY)  # the trainer's word, on its last report

@@ -28,6 +28,7 @@ from resnet_lab.spec.sweep import (
     startup_configs,
     trials_in,
 )
+from resnet_lab.tune.trainable import TrialMeta
 
 
 def optuna_distribution(dist: Choice | Uniform | LogUniform | IntRange) -> optuna.distributions.BaseDistribution:
@@ -117,7 +118,7 @@ class CellSearcher(Searcher):
                 self._next = (self._next + offset + 1) % len(self._order)
                 group, seed = proposal
                 self._trials[trial_id] = (group, seed)
-                return {"cell": group.cell, "stage": group.stage, "seed": seed, **group.values}
+                return {**TrialMeta(group.cell, group.stage, seed).as_config(), **group.values}
         if all(self._exhausted(s) for s in self._cells.values()):
             return Searcher.FINISHED
         return None
