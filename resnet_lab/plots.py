@@ -12,42 +12,11 @@ matplotlib.use("Agg")  # headless: figures are files, never windows
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 
-FLOW_PREFIX = "gradflow/"  # resnet_lab.gradflow's metric keys (plots import no torch, so the prefix is restated)
 FLOW_PHASES = ("init", "final")
 
 
-def block_profile(metrics: Mapping[str, float], phase: str) -> list[tuple[str, float]]:
-    """(block name, gradient norm at its output) from one run's metrics, input to output, at `phase`."""
-    prefix = f"{FLOW_PREFIX}{phase}/block/"
-    keys = sorted(k for k in metrics if k.startswith(prefix))
-    return [(k[len(prefix):].split(".", 1)[1], float(metrics[k])) for k in keys]
-
-
-# Fixed margins for the figures drawn per trial during a sweep: tight_layout is 55% of their CPU (profiled: 0.40 s
-# -> 0.18 s a figure), spent hundreds of times. The report's figures are drawn once and keep tight_layout.
-TRIAL_MARGINS = {"left": 0.07, "right": 0.98, "bottom": 0.13, "top": 0.87, "wspace": 0.22}
-
-
-def learning_curves(history: Sequence[Mapping[str, float]], path: Path, title: str = "") -> Path:
-    """Train/val loss and accuracy per epoch (one trial's figure: fixed margins)."""
-    epochs = [int(h["epoch"]) for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for split, style in (("train", "--"), ("val", "-")):
-        ax_loss.plot(epochs, [h.get(f"{split}/loss", float("nan")) for h in history], style, label=split)
-        ax_acc.plot(epochs, [h.get(f"{split}/acc", float("nan")) for h in history], style, label=split)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.subplots_adjust(**TRIAL_MARGINS)
-    return _save(fig, path, tight=False)
-
-
 def gradient_flow(series: Mapping[str, Mapping[str, Sequence[Band]]], path: Path, *, dashed: Collection[str] = (),
-                  title: str = "", tight: bool = True) -> Path:
+                  title: str = "") -> Path:
     """Gradient norm at each block's output, input to output (log scale), one panel per phase (init, final): one
     line per label with its band (geometric mean over seeds and its 95% interval); `dashed` labels (skip off)."""
     phases = [ph for ph in FLOW_PHASES if any(ph in by_phase for by_phase in series.values())]
@@ -68,18 +37,7 @@ def gradient_flow(series: Mapping[str, Mapping[str, Sequence[Band]]], path: Path
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7)
     fig.suptitle(title or "gradient flow: norm of the loss gradient at each block's output (eval mode, fixed batch)")
-    if not tight:
-        fig.subplots_adjust(**{k: v for k, v in TRIAL_MARGINS.items() if k != "wspace"})
-    return _save(fig, path, tight=tight)
-
-
-def trial_gradient_flow(metrics: Mapping[str, float], path: Path, name: str) -> Path | None:
-    """One trial's block gradient profile at each phase measured so far (None when none was)."""
-    series = {name: {ph: [Band(i, v, v, v) for i, (_, v) in enumerate(block_profile(metrics, ph))]
-                     for ph in FLOW_PHASES}}
-    if not any(series[name].values()):
-        return None
-    return gradient_flow(series, path, title=f"{name}: gradient norm at each block's output", tight=False)
+    return _save(fig, path)
 
 
 class Band(NamedTuple):
@@ -181,10 +139,9 @@ def accuracy_vs_params(points: Mapping[str, Band], path: Path, *, dashed: Collec
     return _save(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path, tight: bool = True) -> Path:
+def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if tight:
-        fig.tight_layout()
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
@@ -25,9 +24,9 @@ from resnet_lab.checkpoint import TrainState
 from resnet_lab.data import DataSplits, DeviceLoader, load_data
 from resnet_lab.models import build_model, count_params
 from resnet_lab.optim import PER_STEP_SCHEDULES, build_optimizer, build_scheduler
+from resnet_lab.outcome import Outcome
 from resnet_lab.spec import ResolvedTrainer, TrialConfig
 
-Status = Literal["completed", "early_stopped", "diverged"]
 EVAL_BATCH = 1024
 DIVERGENCE_CHECK_STEPS = 50  # a NaN check forces a device sync; every 50 steps costs nothing measurable
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ class EpochMetrics:
     epoch: int
     metrics: dict[str, float]
     final: bool
-    status: Status | None  # set on the final epoch
+    status: Outcome | None  # set on the final epoch
     state: Callable[[], TrainState]
     artifacts: dict[str, bytes] = field(default_factory=dict)  # final epoch: files for the run (analysis figures)
 
@@ -49,7 +48,7 @@ class EpochMetrics:
 class RunResult:
     """The outcome of `fit`."""
 
-    status: Status
+    status: Outcome
     metrics: dict[str, float]  # the final epoch's metrics, test/* included
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
@@ -277,18 +276,18 @@ class _Run:
         self.bad_epochs += 1
         return 0 < self.tc.early_stopping_patience <= self.bad_epochs
 
-    def final_metrics(self, status: Status) -> dict[str, float]:
+    def final_metrics(self, status: Outcome) -> dict[str, float]:
         """Test metrics, with the best-val-loss weights when early stopping kept them."""
-        if status != "diverged" and self.best_model is not None:
+        if status is not Outcome.DIVERGED and self.best_model is not None:
             self.model.load_state_dict(self.best_model)
         test_loss, test_acc = self.evaluate(self.data.test)
         return {"test/loss": test_loss, "test/acc": test_acc, "params": float(self.params),
                 "num_classes": float(self.data.num_classes), "best_epoch": float(self.best_epoch),
-                "diverged": float(status == "diverged")} | self.analyse(status)
+                "diverged": float(status is Outcome.DIVERGED)} | self.analyse(status)
 
-    def analyse(self, status: Status) -> dict[str, float]:
+    def analyse(self, status: Outcome) -> dict[str, float]:
         """`cfg.analysis` (lesion study, attributions) on the tested weights; figures kept in `self.artifacts`."""
-        if not self.cfg.analysis or status == "diverged":
+        if not self.cfg.analysis or status is Outcome.DIVERGED:
             return {}
         from resnet_lab.analysis import analyse_run
 
@@ -313,7 +312,7 @@ class _Run:
             self._probe = next(iter(loader))
         return self._probe
 
-    def epochs(self) -> Iterator[tuple[dict[str, float], Status | None]]:
+    def epochs(self) -> Iterator[tuple[dict[str, float], Outcome | None]]:
         """Run epochs from the current one; yields (metrics, final status or None)."""
         while self.epoch < self.tc.epochs:
             start = time.perf_counter()
@@ -327,13 +326,13 @@ class _Run:
                             "lr": self.optimizer.param_groups[0]["lr"]})
             if self.epoch == 1:
                 metrics.update(self.gradient_flow("epoch1"))
-            status: Status | None = None
+            status: Outcome | None = None
             if not (math.isfinite(metrics["train/loss"]) and math.isfinite(val_loss)):
-                status = "diverged"
+                status = Outcome.DIVERGED
             elif self.end_of_epoch(val_loss):
-                status = "early_stopped"
+                status = Outcome.EARLY_STOPPED
             elif self.epoch == self.tc.epochs:
-                status = "completed"
+                status = Outcome.COMPLETED
             if status is not None:
                 metrics.update(self.final_metrics(status))
                 metrics.update(self.gradient_flow("final"))
@@ -427,10 +426,10 @@ def _train(cfg: TrialConfig, device: torch.device, on_epoch: Callable[[EpochMetr
         run.restore(resume)
     if resume is not None and resume.history and resume.history[-1].get("test/acc") is not None:
         last = resume.history[-1]  # the state of a finished run: nothing left to train
-        status: Status = "diverged" if last.get("diverged") else (
-            "completed" if run.epoch >= run.tc.epochs else "early_stopped")
+        status: Outcome = Outcome.DIVERGED if last.get("diverged") else (
+            Outcome.COMPLETED if run.epoch >= run.tc.epochs else Outcome.EARLY_STOPPED)
         return RunResult(status, last, run.history, run.best_epoch, run.params)
-    status, last = "completed", {}
+    status, last = Outcome.COMPLETED, {}
     for metrics, final_status in run.epochs():
         if on_epoch is not None:
             on_epoch(EpochMetrics(run.epoch, metrics, final_status is not None, final_status, run.state,

@@ -27,6 +27,7 @@ from resnet_lab.tracking import SweepTracker as Tracker
 from resnet_lab.tracking.query import load_sweep
 from resnet_lab.trainer import fit
 from resnet_lab.tune.callbacks import trial_params
+from resnet_lab.tune.trainable import TrialMeta
 
 ROOT = Path(__file__).resolve().parent.parent
 # Student t quantiles t_{0.975, df} from printed tables: the test does not share the report's scipy call.
@@ -259,7 +260,7 @@ def seed_run(tracker: Tracker, cfg: TrialConfig, cell: str, end: str, epochs: in
              stage: str = "search") -> list[dict]:
     """One child run as the sweep would leave it: `end` is completed, diverged, asha or failed."""
     name = f"{cell}-lr{cfg.trainer.resolved().lr:.1e}-s{cfg.seed}"
-    run_id = tracker.start_trial(uuid.uuid4().hex[:8], name, trial_params(cfg, {"cell": cell, "stage": stage}),
+    run_id = tracker.start_trial(uuid.uuid4().hex[:8], name, trial_params(cfg, TrialMeta(cell, stage, cfg.seed)),
                                  {TAG_CELL: cell, TAG_STAGE: stage, TAG_SEED: str(cfg.seed)})
     history: list[dict] = []
     if epochs != 0:

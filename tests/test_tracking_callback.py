@@ -5,25 +5,20 @@ The end-to-end resume tests (test_reliability) hit the race below only sometimes
 
 from __future__ import annotations
 
-import os
 import pickle
-import threading
 import time
 from pathlib import Path
 
-import pytest
 from mlflow.tracking import MlflowClient
-from PIL import Image
 from ray.tune import Checkpoint
 from ray.tune.experiment import Trial
 
+from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.spec.load import load_spec
 from resnet_lab.spec.sweep import Cell
 from resnet_lab.tracking import SweepTracker
-from resnet_lab.tune import callbacks, figures
 from resnet_lab.tune.callbacks import TrackingCallback
 from resnet_lab.tune.checkpoints import CheckpointPruner
-from resnet_lab.tune.figures import FigureRenderer, wait_for_spare_cpu
 
 SPEC = """
 name: cb
@@ -90,8 +85,6 @@ def test_resume_from_a_snapshot_older_than_mlflow_records_each_epoch_once(tmp_pa
     second.on_trial_result(1, [trial, late], late, result(1, 0.41))
     second.on_trial_result(2, [trial, late], late, result(2, 0.45))
     assert second.runs[late.trial_id] == first.runs[late.trial_id]  # found in MLflow and re-attached
-    assert [h["epoch"] for h in second.history[trial.trial_id]] == [1, 2, 3, 4]  # the figure's curve: once each
-    assert second.history[trial.trial_id][1]["val/acc"] == 0.61  # the curve follows the training that went on
 
     client = MlflowClient(uri)
     run_id = second.runs[trial.trial_id]
@@ -123,73 +116,30 @@ def test_a_trial_without_history_in_mlflow_logs_every_epoch(tmp_path: Path) -> N
         assert sorted(steps) == [1, 2, 3]
 
 
-def test_figure_renderer_draws_pngs_in_a_low_priority_process_and_survives_its_death(tmp_path: Path) -> None:
-    history = [{"epoch": e, "train/loss": 1.0 / e, "val/loss": 1.1 / e, "train/acc": 0.1 * e, "val/acc": 0.09 * e}
-               for e in (1, 2, 3)]
-    grads = {"gradflow/init/block/00.stem": 0.5, "gradflow/init/block/01.layer1.0": 0.05,
-             "gradflow/final/block/00.stem": 0.2, "gradflow/final/block/01.layer1.0": 0.1,
-             "gradflow/final/first_last": 2.0}
-    renderer = FigureRenderer()
-    try:
-        files = renderer.render(str(tmp_path), "trial-a", history, grads)
-        assert [Path(f).name for f in files] == ["learning_curves.png", "gradient_flow.png"]
-        for f in files:
-            with Image.open(f) as image:
-                assert image.format == "PNG" and image.width > 300
-        proc = renderer._proc
-        assert proc is not None and os.getpriority(os.PRIO_PROCESS, proc.pid) == 19
-        assert os.sched_getscheduler(proc.pid) == os.SCHED_IDLE  # below Ray's workers (nice 15), not beside them
-        with pytest.raises(RuntimeError, match="KeyError"):  # a bad job is an error, and the renderer goes on
-            renderer.render(str(tmp_path / "x"), "trial-b", [{"no epoch": 1.0}], {})
-        proc.kill()
-        proc.wait()
-        (tmp_path / "again").mkdir()
-        files = renderer.render(str(tmp_path / "again"), "trial-c", history, {})  # a new renderer is started
-        assert [Path(f).name for f in files] == ["learning_curves.png"] and Path(files[0]).stat().st_size > 1000
-    finally:
-        renderer.close()
-    assert renderer._proc is None
-
-
-def test_waiting_for_a_spare_core_ends_when_one_is_idle_or_when_told_to_stop() -> None:
-    stop = threading.Event()
-    start = time.perf_counter()
-    wait_for_spare_cpu(stop, poll_s=0.2, cores=0.0)  # any machine has >= 0 idle cores: one poll
-    assert time.perf_counter() - start < 2
-    start = time.perf_counter()
-    threading.Timer(1.0, stop.set).start()
-    wait_for_spare_cpu(stop, poll_s=0.2, cores=(os.cpu_count() or 1) + 1)  # more than the machine has: until stop
-    assert 0.9 < time.perf_counter() - start < 5
-
-
-def test_trial_figures_wait_for_a_spare_core_and_are_all_drawn_when_the_sweep_ends(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(figures, "SPARE_CORES", 1e6)  # a machine whose cores are always busy with trials
-    waiting = threading.Event()  # set once the figure thread is inside the real wait for a spare core
-
-    def wait_for_spare_cpu_and_say_so(stop: threading.Event, *args: object, **kwargs: object) -> None:
-        waiting.set()
-        wait_for_spare_cpu(stop, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(callbacks, "wait_for_spare_cpu", wait_for_spare_cpu_and_say_so)
+def test_each_run_is_tagged_with_the_outcome_its_trainer_reported(tmp_path: Path) -> None:
     uri, tracker, cells = new_sweep(tmp_path)
     (cell,) = cells
     callback = TrackingCallback(tracker, cells, None)
     trials = [Trial("train_trial", config={"cell": cell, "stage": "search", "seed": s, "trainer.lr": 0.001},
                     trial_id=f"t{s}", stub=True) for s in range(3)]
+    # t0 trains out, t1 diverges at epoch 2, t2 is stopped from outside (no outcome in its last result).
+    ends = {"t0": (4, {"test/acc": 0.3, "diverged": 0.0, OUTCOME_KEY: "completed"}),
+            "t1": (2, {"test/acc": 0.1, "diverged": 1.0, OUTCOME_KEY: "diverged"}), "t2": (3, {})}
     for trial in trials:
-        for epoch in (1, 2, 3, 4):
-            callback.on_trial_result(epoch, trials, trial, {**result(epoch, 0.1 * epoch), "test/acc": 0.3})
-        callback.on_trial_complete(4, trials, trial)
+        last, final = ends[trial.trial_id]
+        for epoch in range(1, last + 1):
+            reported = {**result(epoch, 0.1 * epoch), **(final if epoch == last else {})}
+            trial.update_last_result(reported)  # as Tune does before it calls the callbacks
+            callback.on_trial_result(epoch, trials, trial, reported)
+        callback.on_trial_complete(last, trials, trial)
+    assert tracker.flush()
     client = MlflowClient(uri)
-    run_ids = [callback.runs[t.trial_id] for t in trials]
-    assert waiting.wait(timeout=60), "the figure thread never started waiting for a spare core"
-    assert all(client.get_run(r).info.status == "FINISHED" for r in run_ids)  # the record does not wait
-    # The figures do: their thread is in a wait no machine can end (1e6 idle cores) until the sweep ends.
-    assert [client.list_artifacts(r) for r in run_ids] == [[], [], []]
-    callback.on_experiment_end(trials)
-    for r in run_ids:
-        assert sorted(a.path for a in client.list_artifacts(r)) == ["gradient_flow.png", "learning_curves.png"]
+    runs = {t.trial_id: client.get_run(callback.runs[t.trial_id]) for t in trials}
+    assert {t: (r.info.status, r.data.tags["resnet_lab.outcome"]) for t, r in runs.items()} == {
+        "t0": ("FINISHED", "completed"), "t1": ("FINISHED", "diverged"), "t2": ("KILLED", "stopped")}
+    assert runs["t2"].data.tags["stopped_by"] == "tune"
+    assert callback.outcomes == {"t0": "completed", "t1": "diverged", "t2": "stopped"}
+    assert list(client.list_artifacts(runs["t0"].info.run_id)) == []  # no per-trial figures: MLflow charts the metrics
 
 
 def test_checkpoint_pruner_deletes_only_what_a_snapshot_taken_long_enough_ago_has_moved_past(tmp_path: Path) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import pickle
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
 from ray.tune.search import Searcher
 
+from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.spec.load import load_spec
 from resnet_lab.spec.sweep import startup_configs
 from resnet_lab.tune.search import CellSearcher
@@ -39,9 +41,9 @@ def finish(s: CellSearcher, trial_id: str, acc: float, *, final: bool = True, di
            epochs: int = 4) -> None:
     for epoch in range(1, epochs + 1):
         s.on_trial_result(trial_id, {"training_iteration": epoch, "val/acc": acc * epoch / epochs})
-    result = {"training_iteration": epochs, "val/acc": acc, "diverged": float(diverged)}
-    if final:
-        result["test/acc"] = acc
+    result: dict[str, Any] = {"training_iteration": epochs, "val/acc": acc, "diverged": float(diverged)}
+    if final:  # the trainer's last report: tested, with how it ended
+        result.update({"test/acc": acc, OUTCOME_KEY: "diverged" if diverged else "completed"})
     s.on_trial_complete(trial_id, result)
 
 

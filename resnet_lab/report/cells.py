@@ -15,12 +15,13 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from resnet_lab.outcome import Outcome
 from resnet_lab.report.stats import Estimate, Ratio, geometric_mean_ci, mean_ci
 from resnet_lab.spec.catalog import MODEL_CATALOG
 from resnet_lab.tracking.query import SweepRuns, TrialRun
 
-FINISHED = ("completed", "early_stopped")  # trained to their natural end
-RESULTS = (*FINISHED, "diverged")  # results of the method: counted in every mean
+FINISHED = tuple(o for o in Outcome if o.trained_out)  # trained to their natural end
+RESULTS = tuple(o for o in Outcome if o.is_result)  # results of the method: counted in every mean
 CURVE_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc")
 TIME_KEYS = ("train_time_s", "epoch_time_s", "eval_time_s")
 FLOW_PREFIX = "gradflow/"
@@ -92,7 +93,7 @@ class CellSummary:
     @property
     def diverged(self) -> int:
         """Results of the chosen configuration that diverged."""
-        return sum(r.outcome == "diverged" for r in self.runs)
+        return sum(r.outcome == Outcome.DIVERGED for r in self.runs)
 
     def by_seed(self, get: Callable[[RunValues], float]) -> dict[int, float]:
         """seed -> value, for pairing."""
@@ -154,7 +155,7 @@ def tested_epoch(run: TrialRun) -> int:
     last = int(run.metrics.get("epoch", 0))
     patience = _number(run.params.get("trainer.early_stopping_patience")) or 0
     best = run.metrics.get("best_epoch")
-    if run.outcome == "diverged":
+    if run.outcome == Outcome.DIVERGED:
         return last
     return int(best) if patience > 0 and best is not None and 0 < best <= last else last
 
@@ -181,7 +182,7 @@ def run_values(sweep: SweepRuns, run: TrialRun, metric: str) -> RunValues:
         if "val/acc" in row and math.isfinite(row["val/acc"]):
             curve.append((int(row["epoch"]), row["val/acc"], seconds))
     val_accs = [acc for _, acc, _ in curve]
-    diverged = run.outcome == "diverged"
+    diverged = run.outcome == Outcome.DIVERGED
     return RunValues(
         run=run, outcome=run.outcome, tested_epoch=epoch, score=_at(history, metric, epoch, m.get(metric, math.nan)),
         val_acc=_accuracy(_at(history, "val/acc", epoch, m.get("val/acc", math.nan)), run),
@@ -193,7 +194,7 @@ def run_values(sweep: SweepRuns, run: TrialRun, metric: str) -> RunValues:
 
 def is_result(run: TrialRun) -> bool:
     """Finished or diverged: a result of the method, counted in the means."""
-    return run.outcome in RESULTS and (run.outcome == "diverged" or "test/acc" in run.metrics)
+    return run.outcome in RESULTS and (run.outcome == Outcome.DIVERGED or "test/acc" in run.metrics)
 
 
 def outcome_key(run: TrialRun) -> str:
@@ -218,7 +219,7 @@ def choose_group(sweep: SweepRuns, runs: Sequence[TrialRun], metric: str, mode: 
     for group in groups.values():
         if not any(r.outcome in FINISHED for r in group):
             continue
-        scores = [worst if r.outcome == "diverged" else run_values(sweep, r, metric).score
+        scores = [worst if r.outcome == Outcome.DIVERGED else run_values(sweep, r, metric).score
                   for r in group if is_result(r)]
         scores = [s if math.isfinite(s) or s == worst else worst for s in scores]
         mean = sum(scores) / len(scores)

@@ -9,11 +9,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from resnet_lab import plots
+from resnet_lab.outcome import Outcome
 from resnet_lab.report.stats import Estimate, Ratio
 from resnet_lab.report.summary import CURVE_KEYS, CellSummary, Summary
 
-OUTCOME_COLUMNS = (("completed", "completed"), ("early_stopped", "early stopped"), ("asha", "ASHA-stopped"),
-                   ("stopped", "stopped (other)"), ("diverged", "diverged"), ("failed", "failed"))
+# (outcome, column): ASHA's stops apart from the other stops (tag stopped_by)
+OUTCOME_COLUMNS = ((Outcome.COMPLETED, "completed"), (Outcome.EARLY_STOPPED, "early stopped"), ("asha", "ASHA-stopped"),
+                   (Outcome.STOPPED, "stopped (other)"), (Outcome.DIVERGED, "diverged"), (Outcome.FAILED, "failed"))
 FIGURES = {  # file -> caption
     "accuracy_vs_depth.png": "Test accuracy vs depth, skip on (solid) vs off (dashed); bands: 95% CI over seeds "
                              "(diverged runs counted); dotted: models without a depth knob.",
@@ -182,7 +184,8 @@ def markdown(summary: Summary, figures: Sequence[Path]) -> str:
 
 def final_metrics(summary: Summary) -> dict[str, list[dict[str, float]]]:
     """Cell -> the final metrics of each finished run of its chosen configuration (the analyses' input)."""
-    return {c.cell: [dict(v.run.metrics) for v in c.runs if v.outcome != "diverged"] for c in summary.cells if c.runs}
+    return {c.cell: [dict(v.run.metrics) for v in c.runs if v.outcome != Outcome.DIVERGED]
+            for c in summary.cells if c.runs}
 
 
 def analysis_sections(summary: Summary) -> list[str]:

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from sqlalchemy.exc import SQLAlchemyError
 
+from resnet_lab.outcome import Outcome
 from resnet_lab.tracking.writer import (
     TAG_CELL,
     TAG_OUTCOME,
@@ -63,7 +64,7 @@ class TrialRun:
     cell: str
     stage: str  # search | confirm
     seed: int | None
-    outcome: str  # completed | early_stopped | diverged | stopped | failed | running | unknown
+    outcome: str  # an Outcome (resnet_lab.outcome), or running | unknown for a run without its tag
     params: dict[str, str]
     tags: dict[str, str]
     metrics: dict[str, float]  # latest value per key (the final epoch's, for per-epoch metrics)
@@ -242,7 +243,7 @@ def _seed(tags: dict[str, str], params: dict[str, str]) -> int | None:
 def _outcome(status: str, tags: dict[str, str]) -> str:
     if TAG_OUTCOME in tags:
         return tags[TAG_OUTCOME]
-    return {"FAILED": "failed", "RUNNING": "running", "KILLED": "stopped"}.get(status, "unknown")
+    return {"FAILED": Outcome.FAILED, "RUNNING": "running", "KILLED": Outcome.STOPPED}.get(status, "unknown")
 
 
 def _trial(run: Any) -> TrialRun:

@@ -5,18 +5,15 @@ from __future__ import annotations
 import base64
 import logging
 import math
-import os
-import queue
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from resnet_lab import console
 from resnet_lab.console import LiveView
+from resnet_lab.outcome import OUTCOME_KEY, Outcome
 from resnet_lab.spec import TrialConfig
 from resnet_lab.spec.sweep import Cell, model_label
 from resnet_lab.tracking import (
@@ -32,9 +29,8 @@ from resnet_lab.tracking import (
     TAG_TRIAL_ID,
     SweepTracker,
 )
-from resnet_lab.tune.figures import FigureRenderer, wait_for_spare_cpu
 from resnet_lab.tune.schedule import CellScheduler
-from resnet_lab.tune.trainable import ARTIFACTS_KEY, META_KEYS, RESUMED_KEY, trial_config
+from resnet_lab.tune.trainable import ARTIFACTS_KEY, META_KEYS, RESUMED_KEY, TrialMeta, trial_config
 
 log = logging.getLogger(__name__)
 TRAINER_SCALARS = ("epoch", "workers", "lr", "epoch_time_s", "train_time_s", "eval_time_s", "throughput_img_s",
@@ -56,19 +52,20 @@ def run_name(config: dict[str, Any]) -> str:
     """`resnet18-noskip-lr3.2e-04-s0`: cell, searched values, seed; `-confirm` for the confirm stage."""
     searched = [f"{k.split('.')[-1].replace('_', '')}{_short(v)}" for k, v in sorted(config.items())
                 if k not in META_KEYS]
-    parts = [config["cell"], *searched, f"s{config['seed']}"]
-    if config.get("stage") == "confirm":
+    meta = TrialMeta.of(config)
+    parts = [meta.cell, *searched, f"s{meta.seed}"]
+    if meta.stage == "confirm":
         parts.append("confirm")
     return "-".join(parts)
 
 
-def trial_params(cfg: TrialConfig, config: dict[str, Any]) -> dict[str, Any]:
+def trial_params(cfg: TrialConfig, meta: TrialMeta) -> dict[str, Any]:
     """MLflow params: short columns for the UI (arch, depth, skip, lr, seed) plus the whole resolved config."""
     tc = cfg.trainer.resolved()
     flat = {**cfg.to_flat(), **{f"trainer.{k}": v for k, v in tc.model_dump().items() if v is not None}}
     return {"arch": model_label(cfg.model), "model": cfg.model.name, "depth": cfg.model.depth or "default",
             "skip": cfg.model.skip if cfg.model.skip is not None else "n/a", "lr": tc.lr, "seed": cfg.seed,
-            "cell": config["cell"], "stage": config.get("stage", "search"), **flat}
+            "cell": meta.cell, "stage": meta.stage, **flat}
 
 
 class TrackingCallback(Callback):
@@ -80,15 +77,10 @@ class TrackingCallback(Callback):
         self.view_args = view_args  # (total trials, metric, mode) of the live view, or None for no view
         self.view = LiveView(*view_args) if view_args else None
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
-        self.history: dict[str, list[dict[str, float]]] = {}
         self.outcomes: dict[str, str] = {}  # Tune trial id -> outcome, for the final summary
-        self.grads: dict[str, dict[str, float]] = {}  # Tune trial id -> latest per-layer gradient metrics
         self.logged: dict[str, int] = {}  # Tune trial id -> last epoch in MLflow (this process's knowledge)
         self._resumed: dict[str, Any] = {}  # Tune trial id -> the checkpoint epoch its process resumed from
-        self._jobs: queue.Queue[tuple[Any, ...] | None] | None = None  # figure jobs for the figures thread
-        self._threads: list[threading.Thread] = []  # each draws with its own renderer process
         self._restored = False  # set when Tune restores the experiment: orphan runs are looked for once
-        self._ending = threading.Event()  # set when the sweep ends: figures stop waiting for a spare core
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config (callbacks included) into the experiment dir; MLflow clients and the rich
@@ -96,8 +88,6 @@ class TrackingCallback(Callback):
         state = dict(self.__dict__)
         tracker = state.pop("tracker")
         state.pop("view")
-        state["_jobs"], state["_threads"] = None, []
-        state.pop("_ending")
         state["logged"] = {}  # what MLflow holds is re-read from MLflow, never from a pickle
         state["_tracker_args"] = (tracker.uri, tracker.experiment_name, tracker.parent_id)
         return state
@@ -105,19 +95,17 @@ class TrackingCallback(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         uri, experiment, parent_id = state.pop("_tracker_args")
         self.__dict__.update(state)
-        self._ending = threading.Event()
         self.tracker = SweepTracker(uri, experiment)
         # Tune unpickles callbacks only to restore an experiment: the sweep's runs may exist already.
         self.tracker.parent_id, self.tracker.reopened = parent_id, True
         self.view = LiveView(*self.view_args) if self.view_args else None
 
-    # Tune checkpoints callback state with the experiment (driver restarts, --resume): histories survive.
+    # Tune checkpoints callback state with the experiment (driver restarts, --resume).
     def get_state(self) -> dict[str, Any]:
-        return {"runs": self.runs, "history": self.history, "outcomes": self.outcomes, "grads": self.grads}
+        return {"runs": self.runs, "outcomes": self.outcomes}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.runs, self.history, self.outcomes = state["runs"], state["history"], state["outcomes"]
-        self.grads = state.get("grads", {})
+        self.runs, self.outcomes = state["runs"], state["outcomes"]
         self.logged = {}  # the snapshot may be older than MLflow's record: ask MLflow again
         self._restored = True
         if self.view is not None:
@@ -147,10 +135,6 @@ class TrackingCallback(Callback):
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         if self.view is not None:
             self.view.close()
-        waiting = self._jobs.qsize() if self._jobs is not None else 0
-        if waiting and self.view is not None:  # the trials held every core: their figures come now (seconds)
-            console.info(f"drawing the figures of {waiting} trial(s) that waited for a spare core")
-        self.drain()
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         """The trial's process failed and Tune retries it from its last checkpoint."""
@@ -161,10 +145,11 @@ class TrackingCallback(Callback):
     def _run_id(self, trial: Trial) -> str:
         if trial.trial_id not in self.runs:
             config = trial.config
-            cfg = trial_config(self.cells[config["cell"]].base, config)
-            tags = {TAG_CELL: config["cell"], TAG_STAGE: config.get("stage", "search"), TAG_SEED: str(config["seed"])}
+            meta = TrialMeta.of(config)
+            cfg = trial_config(self.cells[meta.cell].base, config)
+            tags = {TAG_CELL: meta.cell, TAG_STAGE: meta.stage, TAG_SEED: str(meta.seed)}
             self.runs[trial.trial_id] = self.tracker.start_trial(trial.trial_id, run_name(config),
-                                                                 trial_params(cfg, config), tags)
+                                                                 trial_params(cfg, meta), tags)
             if not self.tracker.reopened:
                 self.logged[trial.trial_id] = 0  # a new run of a new sweep: nothing recorded yet, no need to ask
         return self.runs[trial.trial_id]
@@ -195,33 +180,20 @@ class TrackingCallback(Callback):
         if resumed is not None and self._resumed.get(trial.trial_id) != resumed:  # a retry or --resume: say where from
             self._resumed[trial.trial_id] = resumed
             self.tracker.set_tags(run_id, {TAG_RESUMED_FROM: str(int(resumed))})
-        # Curves keep the scalars; the gradient-flow metrics (measured at init, after epoch 1 and at the end) keep
-        # their latest value each, so Tune's experiment snapshots stay small. A repeated epoch replaces the old entries.
-        history = self.history.setdefault(trial.trial_id, [])
-        while history and history[-1].get("epoch", 0) >= step:
-            history.pop()
-        history.append(
-            {k: v for k, v in metrics.items() if not k.startswith("gradflow/")})
-        self.grads.setdefault(trial.trial_id, {}).update(
-            {k: v for k, v in metrics.items() if k.startswith("gradflow/")})
         if self.view is not None:
-            self.view.trial_update(trial.trial_id, run_name(trial.config), trial.config["cell"], metrics)
+            self.view.trial_update(trial.trial_id, run_name(trial.config), TrialMeta.of(trial.config).cell, metrics)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        history = self.history.get(trial.trial_id, [])
-        last = history[-1] if history else {}
+        ended = (trial.last_result or {}).get(OUTCOME_KEY)  # the trainer's word, on its last report
         tags: dict[str, str] = {}
         stopped_at = self.scheduler.stopped_at.get(trial.trial_id) if self.scheduler else None
-        if last.get("diverged"):
-            outcome, status = "diverged", "FINISHED"
-        elif "test/acc" in last:
-            outcome, status = ("completed" if last.get("epoch", 0) >= self._epochs(trial) else "early_stopped",
-                               "FINISHED")
+        if ended is not None:
+            outcome, status = Outcome(ended), "FINISHED"
         elif stopped_at is not None:
-            outcome, status = "stopped", "KILLED"
+            outcome, status = Outcome.STOPPED, "KILLED"
             tags = {TAG_STOPPED_BY: "asha", TAG_RUNG: str(stopped_at)}
         else:
-            outcome, status = "stopped", "KILLED"  # time budget or the user; not a failure of the trial
+            outcome, status = Outcome.STOPPED, "KILLED"  # time budget or the user; not a failure of the trial
             tags = {TAG_STOPPED_BY: "tune"}
         self._finish(trial, outcome, status, tags)
 
@@ -229,7 +201,8 @@ class TrackingCallback(Callback):
         error = _error_text(trial)
         run_id = self._run_id(trial)
         self.tracker.log_text(run_id, error, "error.txt")
-        self._finish(trial, "failed", "FAILED", {TAG_ERROR: error.strip().splitlines()[-1][:4000] if error else ""})
+        last_line = error.strip().splitlines()[-1][:4000] if error else ""
+        self._finish(trial, Outcome.FAILED, "FAILED", {TAG_ERROR: last_line})
 
     def _log_files(self, run_id: str, files: dict[str, str]) -> None:
         """Files a trial sent base64-encoded in its result (analysis figures) as artifacts of its run."""
@@ -239,69 +212,14 @@ class TrackingCallback(Callback):
                 path.write_bytes(base64.b64decode(data))
             self.tracker.log_artifacts(run_id, paths)
 
-    def _epochs(self, trial: Trial) -> int:
-        return trial_config(self.cells[trial.config["cell"]].base, trial.config).trainer.epochs
-
-    def _finish(self, trial: Trial, outcome: str, status: str, tags: dict[str, str]) -> None:
+    def _finish(self, trial: Trial, outcome: Outcome, status: str, tags: dict[str, str]) -> None:
         run_id = self._run_id(trial)
-        self.tracker.set_tags(run_id, {TAG_OUTCOME: outcome, **tags})
-        self.tracker.end_run(run_id, status)  # the status is recorded now; the figures follow in the background
-        history = self.history.pop(trial.trial_id, [])  # done: out of the state Tune snapshots
-        if history:
-            self._background().put((run_id, run_name(trial.config), list(history),
-                                    self.grads.pop(trial.trial_id, {})))
-        self.outcomes[trial.trial_id] = outcome
+        self.tracker.set_tags(run_id, {TAG_OUTCOME: str(outcome), **tags})
+        self.tracker.end_run(run_id, status)
+        self.outcomes[trial.trial_id] = str(outcome)
         if self.view is not None:
             detail = f"(ASHA at epoch {tags[TAG_RUNG]})" if TAG_RUNG in tags else ""
             self.view.trial_done(trial.trial_id, run_name(trial.config), outcome, detail)
-
-    def _background(self) -> queue.Queue[tuple[Any, ...] | None]:
-        # Off Tune's event loop: one thread draws and uploads, in order. Daemon threads, so an aborted driver (a
-        # second Ctrl-C skips Tune's clean-up and so drain()) never waits at exit for a spare core.
-        if self._jobs is None:
-            self._jobs = queue.Queue()
-            self._threads = [self._start_figure_thread(self._jobs)]
-        return self._jobs
-
-    def _start_figure_thread(self, jobs: queue.Queue[tuple[Any, ...] | None]) -> threading.Thread:
-        thread = threading.Thread(target=self._figure_worker, args=(jobs,), name="trial-figures", daemon=True)
-        thread.start()
-        return thread
-
-    def _figure_worker(self, jobs: queue.Queue[tuple[Any, ...] | None]) -> None:
-        """Draw queued jobs with this thread's own renderer process until a None arrives."""
-        renderer = FigureRenderer()
-        try:
-            while (job := jobs.get()) is not None:
-                self._plot_and_upload(renderer, *job)
-        finally:
-            renderer.close()
-
-    def _plot_and_upload(self, renderer: FigureRenderer, run_id: str, name: str, history: list[dict[str, float]],
-                         grads: dict[str, float]) -> None:
-        try:
-            # The trials come first: a figure waits until this machine has a spare core (or the sweep ended).
-            wait_for_spare_cpu(self._ending)
-            with tempfile.TemporaryDirectory() as tmp:
-                files = renderer.render(tmp, name, history, grads)
-                self.tracker.log_artifacts(run_id, [Path(f) for f in files])
-        except Exception:  # a failed figure must not lose the run or stop the sweep
-            log.exception("could not plot trial run %s", run_id)
-
-    def drain(self) -> None:
-        """Draw and upload the pending figures now (end of the experiment), on every core, then stop the renderers."""
-        self._ending.set()
-        jobs = self._jobs
-        if jobs is None:
-            return
-        # The trials are over: the figures still queued (they waited for a spare core) are drawn in parallel.
-        extra = min(jobs.qsize(), os.cpu_count() or 1) - 1
-        self._threads += [self._start_figure_thread(jobs) for _ in range(max(0, extra))]
-        for _ in self._threads:
-            jobs.put(None)
-        for thread in self._threads:
-            thread.join()
-        self._jobs, self._threads = None, []
 
 
 def _error_text(trial: Trial) -> str:

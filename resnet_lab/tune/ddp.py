@@ -13,8 +13,9 @@ from typing import Any
 
 from ray import tune
 
+from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.spec import TrialConfig
-from resnet_lab.tune.trainable import RESUMED_KEY, placement_of, trial_config
+from resnet_lab.tune.trainable import RESUMED_KEY, TrialMeta, placement_of, trial_config
 
 # The driver function only waits on its workers; Tune refuses a zero-resource request, so ask for a little memory.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
@@ -37,6 +38,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     def report(epoch: Any) -> None:
         metrics = dict(epoch.metrics)
+        if epoch.status is not None:  # the last report: how the trial ended, as the trainer decided
+            metrics[OUTCOME_KEY] = str(epoch.status)
         if resume is not None:  # as single-worker trials: the record says from which epoch this run continued
             metrics[RESUMED_KEY] = resume.epoch
         if rank != 0:  # every worker reports (Train waits for all); rank 0 alone writes the checkpoint
@@ -66,7 +69,7 @@ def train_trial_ddp(config: dict[str, Any], bases: dict[str, TrialConfig], worke
     experiment = tune.get_context().get_experiment_name()
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": config, "base": bases[config["cell"]], "cpus": cpu, "gpu": gpu},
+        train_loop_config={"config": config, "base": bases[TrialMeta.of(config).cell], "cpus": cpu, "gpu": gpu},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu > 0,
                                                resources_per_worker={"CPU": cpu, "GPU": gpu}),
         run_config=ray.train.RunConfig(

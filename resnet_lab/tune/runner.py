@@ -32,7 +32,7 @@ from resnet_lab.tune.checkpoints import CheckpointPruner
 from resnet_lab.tune.ddp import DRIVER_RESOURCES, train_trial_ddp
 from resnet_lab.tune.schedule import CellScheduler
 from resnet_lab.tune.search import CellSearcher
-from resnet_lab.tune.trainable import train_trial
+from resnet_lab.tune.trainable import TrialMeta, train_trial
 
 
 class PreflightError(Exception):
@@ -261,8 +261,8 @@ def run_sweep(loaded: LoadedSpec, options: RunOptions) -> SweepOutcome:
                 max_concurrent_trials=concurrency(loaded, options.max_concurrent, capacity, total),
                 # Measured here: 4.3 s -> 0.6 s per trial; safe because fit() keeps no state between trials.
                 reuse_actors=True, time_budget_s=spec.time_budget_s,
-                trial_dirname_creator=lambda trial: f"{trial.config['cell']}-{trial.trial_id}",
-                trial_name_creator=lambda trial: f"{trial.config['cell']}-{trial.trial_id}"),
+                trial_dirname_creator=lambda trial: f"{TrialMeta.of(trial.config).cell}-{trial.trial_id}",
+                trial_name_creator=lambda trial: f"{TrialMeta.of(trial.config).cell}-{trial.trial_id}"),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, verbose=0,
                 callbacks=[callback, CheckpointPruner(), JsonLoggerCallback(), CSVLoggerCallback()],

@@ -13,6 +13,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from resnet_lab.spec.sweep import AshaConfig
+from resnet_lab.tune.trainable import TrialMeta
 
 
 class CellScheduler(FIFOScheduler):
@@ -27,9 +28,10 @@ class CellScheduler(FIFOScheduler):
         self._live: set[str] = set()  # trials added to an ASHA and not yet completed/removed from it
 
     def _for(self, trial: Trial) -> ASHAScheduler | None:
-        if trial.config.get("stage") == "confirm":
+        meta = TrialMeta.of(trial.config)
+        if meta.stage == "confirm":
             return None
-        cell = trial.config["cell"]
+        cell = meta.cell
         if cell not in self._asha:
             self._asha[cell] = ASHAScheduler(
                 time_attr="training_iteration", metric=self._metric, mode=self._mode, max_t=self._max_t,

@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 from ray.tune.search import Searcher
 
+from resnet_lab.outcome import OUTCOME_KEY, Outcome
 from resnet_lab.spec.sweep import (
     Cell,
     Choice,
@@ -27,8 +28,7 @@ from resnet_lab.spec.sweep import (
     startup_configs,
     trials_in,
 )
-
-FINAL_KEY = "test/acc"  # present only in a trial's last report when it trained to its natural end
+from resnet_lab.tune.trainable import TrialMeta
 
 
 def optuna_distribution(dist: Choice | Uniform | LogUniform | IntRange) -> optuna.distributions.BaseDistribution:
@@ -118,7 +118,7 @@ class CellSearcher(Searcher):
                 self._next = (self._next + offset + 1) % len(self._order)
                 group, seed = proposal
                 self._trials[trial_id] = (group, seed)
-                return {"cell": group.cell, "stage": group.stage, "seed": seed, **group.values}
+                return {**TrialMeta(group.cell, group.stage, seed).as_config(), **group.values}
         if all(self._exhausted(s) for s in self._cells.values()):
             return Searcher.FINISHED
         return None
@@ -176,12 +176,13 @@ class CellSearcher(Searcher):
             return
         group, seed = self._trials[trial_id]
         curve = self._curves.pop(trial_id, {})
+        ended = result.get(OUTCOME_KEY) if result else None  # the trainer's word, on its last report
         if error or not result:
             outcome = "failed"
-        elif result.get("diverged"):
+        elif ended is None:
+            outcome = "pruned"  # stopped before its natural end (ASHA)
+        elif Outcome(ended) is Outcome.DIVERGED:
             outcome = "diverged"
-        elif FINAL_KEY not in result:
-            outcome = "pruned"
         else:
             outcome = "complete"
         if result and self.metric in result:

@@ -6,19 +6,40 @@ import base64
 import functools
 import math
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
 
+from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.spec import DatasetConfig, ResolvedTrainer, TrialConfig
 from resnet_lab.spec.sweep import with_values
 
 if TYPE_CHECKING:  # torch is imported in trial processes only
     from resnet_lab.trainer import Placement
 
-# Keys the searcher adds to a trial's config besides searched values.
+# Keys the searcher adds to a trial's config besides searched values (read them through TrialMeta).
 META_KEYS = ("cell", "stage", "seed")
+
+
+@dataclass(frozen=True)
+class TrialMeta:
+    """Which cell, stage and seed a trial belongs to: the searcher's keys of Ray's config, read in one place."""
+
+    cell: str
+    stage: str  # "search" or "confirm"
+    seed: int
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any]) -> TrialMeta:
+        return cls(str(config["cell"]), str(config.get("stage", "search")), int(config["seed"]))
+
+    def as_config(self) -> dict[str, Any]:
+        """The keys the searcher puts in a trial's config."""
+        return {"cell": self.cell, "stage": self.stage, "seed": self.seed}
+
 # Result key of a trial process that continued from a checkpoint: the checkpoint's epoch (the callback tags the run).
 RESUMED_KEY = "resumed_from_epoch"
 # Result key of a trial's final epoch: files for its run, {name: base64}; the driver's callback uploads and drops it.
@@ -29,7 +50,7 @@ def trial_config(base: TrialConfig, config: dict[str, Any], cpus: float | None =
     """The typed config of one trial: its cell's base config with the searched values and seed applied."""
     values = {k: v for k, v in config.items() if k not in META_KEYS}
     merged = with_values(base.model_dump(exclude_none=True), values)
-    merged["seed"] = int(config["seed"])
+    merged["seed"] = TrialMeta.of(config).seed
     if cpus and "threads" not in merged["trainer"]:
         merged["trainer"]["threads"] = max(1, math.floor(cpus))  # use the cores Ray gave us, no more
     return TrialConfig.model_validate(merged)
@@ -68,7 +89,7 @@ def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig]) -> None:
     resources = tune.get_context().get_trial_resources()
     cpus = resources.required_resources.get("CPU") if resources else None
     gpus = resources.required_resources.get("GPU", 0.0) if resources else 0.0
-    cfg = trial_config(bases[config["cell"]], config, cpus)
+    cfg = trial_config(bases[TrialMeta.of(config).cell], config, cpus)
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -79,6 +100,8 @@ def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig]) -> None:
 
     def report(epoch: Any) -> None:
         metrics = {**epoch.metrics, "node_id": node_id}
+        if epoch.status is not None:  # the last report: how the trial ended, as the trainer decided
+            metrics[OUTCOME_KEY] = str(epoch.status)
         if resume is not None:  # this process continued from a checkpoint: the record says from which epoch
             metrics[RESUMED_KEY] = resume.epoch
         if epoch.artifacts:  # analysis figures (resnet_lab.analysis), a few tens of KB
