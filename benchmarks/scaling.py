@@ -56,6 +56,10 @@ HERE = Path(__file__).resolve().parent
 EPOCHS, IMAGES = 3, 512
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GOAL = 1.2
+# The code measured: the checkout's commit when this benchmark started ("+" when tracked files differ from it).
+COMMIT = subprocess.run("git rev-parse --short HEAD && git status --porcelain --untracked-files=no | head -1",
+                        shell=True, cwd=ROOT, capture_output=True, text=True).stdout.split("\n", 1)
+COMMIT = COMMIT[0] + ("+" if COMMIT[1].strip() else "")
 
 SPEC = """\
 name: scaling-n{trials}
@@ -260,7 +264,7 @@ def row(n: int, path: str, store: str, proc: Process, storage: Path, cost: float
             "startup_s": first - proc.launch, "shutdown_s": proc.exit - last, "work_s": s["work"],
             "driver_cpu_s": proc.cpu_s, "store_cpu_s": proc.store_cpu_s, "samples": proc.samples,
             "sampled_s": proc.sampled_s, "profiler_cpu_s": proc.profiler_cpu_s, "load": os.getloadavg()[0],
-            "when": time.strftime("%Y-%m-%d %H:%M")}
+            "when": time.strftime("%Y-%m-%d %H:%M"), "commit": COMMIT}
 
 
 def per_trial_s(r: dict[str, Any]) -> float:
@@ -383,7 +387,7 @@ def print_goals(rows: list[dict[str, Any]]) -> None:
             lines.append([store, f"{n:,}", f"{per_trial_s(r):.2f}", f"{per_trial_s(bare):.2f}" if bare else "-",
                           f"{growth:.2f} ({'met' if growth <= GOAL else 'not met'})",
                           f"{versus:.2f} ({'met' if versus <= GOAL else 'not met'})",
-                          f"{1000 * r['driver_cpu_s'] / n:.0f}", r["when"]])
+                          f"{1000 * r['driver_cpu_s'] / n:.0f}", f"{r['when']} ({r.get('commit', '?')})"])
     show(f"goals: per-trial overhead vs N = {min(r['n'] for r in rows)} and vs the bare Tuner, each <= {GOAL}",
          ["store", "N", "ours s", "bare s", "vs smallest N", "vs bare Tuner", "driver CPU ms / trial", "measured"],
          lines)
