@@ -338,7 +338,8 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
     lines = []
     for r in rows:
         bare = bare_of(rows, r)
-        lines.append([f"{r['n']:,}", r["path"], r["store"], f"{r['wall_s']:.0f}", f"{r['startup_s']:.0f}",
+        lines.append([f"{r['n']:,}", r["path"], r["store"], r.get("commit", "?"), f"{r['wall_s']:.0f}",
+                      f"{r['startup_s']:.0f}",
                       f"{r['span_s']:.0f}", f"{r['shutdown_s']:.0f}", f"{per_trial_s(r):.2f}",
                       f"{whole_per_trial_s(r):.2f}", f"{r['driver_cpu_s']:.0f}",
                       f"{r['driver_cpu_s'] / r['n']:.3f}",
@@ -347,7 +348,7 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
                       f"{r['wall_s'] / bare['wall_s']:.2f}" if bare else "-"])
     cost = median([r["cost_s"] for r in rows])
     show(f"scaling: N trials x {EPOCHS} epochs (known cost C = {cost:.2f} s each), {CONCURRENCY} at a time",
-         ["N", "path", "store", "wall s", "start-up s", "span s", "shutdown s", "per-trial overhead s",
+         ["N", "path", "store", "code", "wall s", "start-up s", "span s", "shutdown s", "per-trial overhead s",
           "whole run per trial s", "driver CPU s", "driver CPU / trial s", "store CPU / trial s",
           "overhead vs bare", "wall vs bare"], lines)
     ours = [r for r in rows if r["samples"]]
@@ -357,29 +358,31 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
             total = sum(r["samples"].values())
             scale = r["sampled_s"] / total if total else 0.0  # seconds per sample
             counts = [r["samples"].get(c, 0) for c in SHOWN]
-            lines.append([f"{r['n']:,}", r["store"], f"{r['sampled_s']:.0f}", f"{r.get('profiler_cpu_s', 0):.0f}"] +
+            lines.append([f"{r['n']:,}", r["store"], r.get("commit", "?"), f"{r['sampled_s']:.0f}",
+                          f"{r.get('profiler_cpu_s', 0):.0f}"] +
                          [f"{1000 * k * scale / r['n']:.0f} ({100 * k / total:.0f}%)" for k in counts])
         show("where ours' driver CPU goes (py-spy samples): ms per trial (share of the driver's sampled CPU)",
-             ["N", "store", "sampled s", "py-spy's CPU s", *SHOWN], lines)
+             ["N", "store", "code", "sampled s", "py-spy's CPU s", *SHOWN], lines)
     with_estimate = [r for r in rows if r.get("estimates")]
     if with_estimate:
         lines = []
         for r in with_estimate:
             for which, (seconds, source) in sorted(r["estimates"].items()):
-                lines.append([f"{r['n']:,}", f"{'this store' if which == 'store' else 'an empty store'} ({source})",
+                lines.append([f"{r['n']:,}", r.get("commit", "?"),
+                              f"{'this store' if which == 'store' else 'an empty store'} ({source})",
                               f"{seconds:.1f}", f"{r['wall_s']:.0f}", f"{r['span_s']:.0f}",
                               f"{seconds / r['wall_s']:.2f}", f"{seconds / r['span_s']:.2f}"])
         show("`sweep.py SPEC --dry-run --estimate` before launch vs the run (SQLite)",
-             ["N", "estimate from", "estimate s", "actual wall s", "actual span s", "estimate / wall",
+             ["N", "code", "estimate from", "estimate s", "actual wall s", "actual span s", "estimate / wall",
               "estimate / span"], lines)
 
 
 def print_goals(rows: list[dict[str, Any]]) -> None:
     """Per-trial overhead at the largest N vs N = 50, and vs the bare Tuner at each N."""
     lines = []
-    for store in sorted({r["store"] for r in rows if r["store"] != "-"}):
-        ours = {r["n"]: r for r in rows if r["store"] == store}
-        small = ours.get(50) or ours.get(min(ours))
+    for store, commit in sorted({(r["store"], r.get("commit", "?")) for r in rows if r["store"] != "-"}):
+        ours = {r["n"]: r for r in rows if r["store"] == store and r.get("commit", "?") == commit}  # last run wins
+        small = ours.get(50) or ours[min(ours)]
         for n in sorted(ours):
             r, bare = ours[n], bare_of(rows, ours[n])
             growth = per_trial_s(r) / per_trial_s(small)
@@ -387,7 +390,7 @@ def print_goals(rows: list[dict[str, Any]]) -> None:
             lines.append([store, f"{n:,}", f"{per_trial_s(r):.2f}", f"{per_trial_s(bare):.2f}" if bare else "-",
                           f"{growth:.2f} ({'met' if growth <= GOAL else 'not met'})",
                           f"{versus:.2f} ({'met' if versus <= GOAL else 'not met'})",
-                          f"{1000 * r['driver_cpu_s'] / n:.0f}", f"{r['when']} ({r.get('commit', '?')})"])
+                          f"{1000 * r['driver_cpu_s'] / n:.0f}", f"{r['when']} ({commit})"])
     show(f"goals: per-trial overhead vs N = {min(r['n'] for r in rows)} and vs the bare Tuner, each <= {GOAL}",
          ["store", "N", "ours s", "bare s", "vs smallest N", "vs bare Tuner", "driver CPU ms / trial", "measured"],
          lines)
