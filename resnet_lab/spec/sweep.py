@@ -259,9 +259,9 @@ class Cell:
 def model_label(model: ModelConfig) -> str:
     """`resnet18`, `resnet18-noskip`, `resnet50-preact-w2`, `baseline_cnn`."""
     label = model.name
-    if model.name in ("resnet", "resnet_cifar"):
-        default_depth = {"resnet": 18, "resnet_cifar": 20}[model.name]
-        label = f"{'resnet' if model.name == 'resnet' else 'resnet_cifar'}{model.depth or default_depth}"
+    depth, _ = MODEL_CATALOG[model.name].architecture(model.depth, model.block)
+    if depth is not None:
+        label = f"{model.name}{depth}"
     if model.block:
         label += f"-{model.block}"
     if model.width not in (None, 1.0):
