@@ -16,7 +16,7 @@ from resnet_lab.console import LiveView
 from resnet_lab.outcome import OUTCOME_KEY, Outcome
 from resnet_lab.spec import TrialConfig
 from resnet_lab.spec.catalog import MODEL_CATALOG
-from resnet_lab.spec.sweep import Cell, model_label
+from resnet_lab.spec.sweep import Cell, model_label, short_value
 from resnet_lab.tracking import (
     TAG_CELL,
     TAG_CONFIG,
@@ -46,15 +46,11 @@ def our_metrics(result: dict[str, Any]) -> dict[str, float]:
             and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def _short(value: Any) -> str:
-    return f"{value:.1e}" if isinstance(value, float) else str(value)  # lr3.2e-04: sortable, fixed width
-
-
 def config_label(config: dict[str, Any]) -> str:
     """`resnet18-noskip-lr3.2e-04`: the cell and the searched values (tag `resnet_lab.config`: one configuration's
     seeds and stages share it)."""
-    searched = [f"{k.split('.')[-1].replace('_', '')}{_short(v)}" for k, v in sorted(config.items())
-                if k not in META_KEYS]
+    searched = [f"{k.split('.')[-1].replace('_', '')}{short_value(v, fixed_width=True)}"
+                for k, v in sorted(config.items()) if k not in META_KEYS]
     return "-".join([TrialMeta.of(config).cell, *searched])
 
 
