@@ -22,11 +22,20 @@ from resnet_lab import report
 from resnet_lab.report.summary import summarize
 from resnet_lab.spec import TrialConfig
 from resnet_lab.spec.load import load_spec
-from resnet_lab.tracking import TAG_CELL, TAG_ERROR, TAG_OUTCOME, TAG_RUNG, TAG_SEED, TAG_STAGE, TAG_STOPPED_BY
+from resnet_lab.tracking import (
+    TAG_CELL,
+    TAG_CONFIG,
+    TAG_ERROR,
+    TAG_OUTCOME,
+    TAG_RUNG,
+    TAG_SEED,
+    TAG_STAGE,
+    TAG_STOPPED_BY,
+)
 from resnet_lab.tracking import SweepTracker as Tracker
 from resnet_lab.tracking.query import load_sweep
 from resnet_lab.trainer import fit
-from resnet_lab.tune.callbacks import trial_params
+from resnet_lab.tune.callbacks import config_label, run_name, trial_params
 from resnet_lab.tune.trainable import TrialMeta
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,9 +268,10 @@ def trial(skip: bool | None, seed: int, model: str = "resnet", **trainer: Any) -
 def seed_run(tracker: Tracker, cfg: TrialConfig, cell: str, end: str, epochs: int | None = None,
              stage: str = "search") -> list[dict]:
     """One child run as the sweep would leave it: `end` is completed, diverged, asha or failed."""
-    name = f"{cell}-lr{cfg.trainer.resolved().lr:.1e}-s{cfg.seed}"
-    run_id = tracker.start_trial(uuid.uuid4().hex[:8], name, trial_params(cfg, TrialMeta(cell, stage, cfg.seed)),
-                                 {TAG_CELL: cell, TAG_STAGE: stage, TAG_SEED: str(cfg.seed)})
+    config = {**TrialMeta(cell, stage, cfg.seed).as_config(), "trainer.lr": cfg.trainer.resolved().lr}  # Ray's
+    run_id = tracker.start_trial(uuid.uuid4().hex[:8], run_name(config), trial_params(cfg, TrialMeta.of(config)),
+                                 {TAG_CELL: cell, TAG_STAGE: stage, TAG_SEED: str(cfg.seed),
+                                  TAG_CONFIG: config_label(config)})
     history: list[dict] = []
     if epochs != 0:
         fit(cfg, lambda epoch: history.append(dict(epoch.metrics)))
@@ -374,7 +384,7 @@ def test_renaming_runs_does_not_change_the_report(odd: dict[str, Any], tmp_path:
         if run.data.tags.get("resnet_lab.role") == "trial":
             client.set_tag(run.info.run_id, "mlflow.runName", f"renamed-{run.info.run_id[:6]}")
     again = report.write_report(odd["uri"], "odd", None, None, tmp_path, show=False).read_text()
-    columns = ("runs in means", "val acc", "test acc", "stage")
+    columns = ("runs in means", "val acc", "test acc", "stage", "configuration", "depth", "block", "skip")
     before, after = table(odd["md"], "cell"), table(again, "cell")
     assert {c: {k: r[k] for k in columns} for c, r in before.items()} == {
         c: {k: r[k] for k in columns} for c, r in after.items()}

@@ -86,8 +86,6 @@ def test_every_epoch_is_logged_with_its_step(two_sweeps: dict) -> None:
         assert steps == list(range(1, len(steps) + 1)) and steps, kid.info.run_name
         if kid.data.tags[TAG_OUTCOME] == "completed":
             assert len(steps) == 3 and "test/acc" in kid.data.metrics
-            artifacts = {a.path for a in client.list_artifacts(kid.info.run_id)}
-            assert {"learning_curves.png", "gradient_flow.png"} <= artifacts
         for key in ("train/loss", "val/loss", "lr", "train_time_s", "eval_time_s", "throughput_img_s"):
             assert len(client.get_metric_history(kid.info.run_id, key)) == len(steps), key
         # gradient flow: at initialisation and after epoch 1 (logged with epoch 1), on the tested weights at the end

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from resnet_lab.models.registry import register
-from resnet_lab.spec.catalog import BLOCKS
+from resnet_lab.spec.catalog import BLOCKS, MODEL_CATALOG
 
 # (in_planes, out_planes, stride) -> the module that maps a block's input onto its output shape.
 ShortcutFactory = Callable[[int, int, int], nn.Module]
@@ -338,16 +338,20 @@ class ResNet(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 # Builders
 
-# depth -> (natural block, blocks per stage); depth = 1 stem conv + weighted_layers * blocks + 1 fc.
-RESNET_LAYOUTS: dict[int, tuple[str, tuple[int, ...]]] = {
-    8: ("basic", (1, 1, 1)),  # 1 + 2*3 + 1: three stages (64-128-256); four stages need at least 10 layers
-    10: ("basic", (1, 1, 1, 1)),
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-    101: ("bottleneck", (3, 4, 23, 3)),
-    152: ("bottleneck", (3, 8, 36, 3)),
+# depth -> blocks per stage; depth = 1 stem conv + weighted_layers * blocks + 1 fc. Each depth's natural block
+# (basic up to 34, bottleneck from 50) is the catalogue's (`spec/catalog.py`), the one table the spec checks too.
+_STAGES: dict[int, tuple[int, ...]] = {
+    8: (1, 1, 1),  # 1 + 2*3 + 1: three stages (64-128-256); four stages need at least 10 layers
+    10: (1, 1, 1, 1),
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
 }
+# depth -> (natural block, blocks per stage)
+RESNET_LAYOUTS: dict[int, tuple[str, tuple[int, ...]]] = {
+    depth: (block, _STAGES[depth]) for depth, block in MODEL_CATALOG["resnet"].blocks.items()}
 
 _BLOCK_CLASSES: dict[tuple[str, bool], Block] = {
     ("basic", False): BasicBlock,

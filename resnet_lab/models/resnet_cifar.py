@@ -7,9 +7,11 @@ from torch import Tensor, nn
 
 from resnet_lab.models.registry import register
 from resnet_lab.models.resnet import BasicBlock, ResNet
+from resnet_lab.spec.catalog import MODEL_CATALOG
 
-# depth -> n, the basic blocks per stage: depth = 1 stem conv + 3 stages * n blocks * 2 convs + 1 fc.
-CIFAR_DEPTHS: dict[int, int] = {20: 3, 32: 5, 44: 7, 56: 9, 110: 18}
+# depth -> n, the basic blocks per stage: depth = 1 stem conv + 3 stages * n blocks * 2 convs + 1 fc (6n + 2); the
+# depths are the catalogue's (`spec/catalog.py`).
+CIFAR_DEPTHS: dict[int, int] = {depth: (depth - 2) // 6 for depth in MODEL_CATALOG["resnet_cifar"].depths}
 
 
 class PadShortcut(nn.Module):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from resnet_lab.outcome import Outcome
 from resnet_lab.report.stats import Estimate, Ratio, geometric_mean_ci, mean_ci
 from resnet_lab.spec.catalog import MODEL_CATALOG
+from resnet_lab.tracking import TAG_CONFIG
 from resnet_lab.tracking.query import SweepRuns, TrialRun
 
 FINISHED = tuple(o for o in Outcome if o.trained_out)  # trained to their natural end
@@ -111,25 +112,21 @@ def _number(text: str | None) -> float | None:
 
 
 def model_depth(params: Mapping[str, str]) -> int | None:
-    """Depth of a run's model: the `depth` param, else the digits of its arch label (`resnet18`); None if none."""
-    model = params.get("model", "")
-    if model in MODEL_CATALOG and not MODEL_CATALOG[model].depths:
-        return None
-    depth = params.get("depth", "default")
+    """Depth of a run's model from its `depth` param (runs logged before it was resolved say "default": the
+    catalogue's default then); None for models without a depth."""
+    entry = MODEL_CATALOG.get(params.get("model", ""))
+    depth = params.get("depth", "n/a")
     if depth.isdigit():
         return int(depth)
-    found = re.match(r"^[a-z_]*?(\d+)", params.get("arch", ""))
-    return int(found.group(1)) if found else None
+    return entry.default_depth if entry is not None and depth == "default" else None
 
 
 def model_block(params: Mapping[str, str], depth: int | None) -> str:
-    """The residual block type (the spec's, else the model's default), `-` for plain CNNs."""
-    model = params.get("model", "")
-    if "model.block" in params:
-        return params["model.block"]
-    if model not in MODEL_CATALOG or not MODEL_CATALOG[model].residual:
-        return "-"
-    return "bottleneck" if model == "resnet" and depth is not None and depth >= 50 else "basic"
+    """The block the run's model was built from (its `block` param; the catalogue's for runs logged without it)."""
+    if "block" in params:
+        return params["block"]
+    entry = MODEL_CATALOG.get(params.get("model", ""))
+    return entry.architecture(depth, params.get("model.block"))[1] if entry is not None else "-"
 
 
 def config_key(run: TrialRun) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -138,9 +135,13 @@ def config_key(run: TrialRun) -> tuple[str, tuple[tuple[str, str], ...]]:
 
 
 def config_name(run: TrialRun) -> str:
-    """`resnet18-noskip-lr3.2e-04` from `resnet18-noskip-lr3.2e-04-s1-confirm`."""
-    name = re.sub(r"-confirm$", "", run.name)
-    return re.sub(r"-s\d+$", "", name)
+    """The configuration's label (`resnet18-noskip-lr3.2e-04`), tag `resnet_lab.config`.
+
+    Runs logged before that tag existed: their run name without the seed and stage suffixes, the only place it was.
+    """
+    if TAG_CONFIG in run.tags:
+        return run.tags[TAG_CONFIG]
+    return re.sub(r"-s\d+$", "", re.sub(r"-confirm$", "", run.name))
 
 
 def _at(history: Sequence[Mapping[str, float]], key: str, epoch: int, fallback: float) -> float:

@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from resnet_lab.spec.base import StrictModel
 from resnet_lab.spec.catalog import MODEL_CATALOG
 from resnet_lab.spec.loader import suggest
-from resnet_lab.spec.trial import AnalysisKind, DatasetConfig, ModelConfig, TrainerConfig, TrialConfig
+from resnet_lab.spec.trial import AnalysisKind, DatasetConfig, ModelConfig, TrainerConfig, TrialConfig, with_values
 
 # --- search distributions ---------------------------------------------------------------------------------------
 
@@ -259,9 +259,9 @@ class Cell:
 def model_label(model: ModelConfig) -> str:
     """`resnet18`, `resnet18-noskip`, `resnet50-preact-w2`, `baseline_cnn`."""
     label = model.name
-    if model.name in ("resnet", "resnet_cifar"):
-        default_depth = {"resnet": 18, "resnet_cifar": 20}[model.name]
-        label = f"{'resnet' if model.name == 'resnet' else 'resnet_cifar'}{model.depth or default_depth}"
+    depth, _ = MODEL_CATALOG[model.name].architecture(model.depth, model.block)
+    if depth is not None:
+        label = f"{model.name}{depth}"
     if model.block:
         label += f"-{model.block}"
     if model.width not in (None, 1.0):
@@ -271,15 +271,17 @@ def model_label(model: ModelConfig) -> str:
     return label
 
 
-def _short(value: Any) -> str:
+def short_value(value: Any, fixed_width: bool = False) -> str:
+    """A value in a label: `1e-3` -> `1.0e-03`, `0.5` -> `0.5` (`5.0e-01` with `fixed_width`: run names of searched
+    floats sort and line up), `True` -> `true`."""
     if isinstance(value, float):
-        return f"{value:.1e}" if value < 0.01 or value >= 1000 else f"{value:g}"
+        return f"{value:.1e}" if fixed_width or value < 0.01 or value >= 1000 else f"{value:g}"
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def cell_label(base: TrialConfig, values: dict[str, Any]) -> str:
     """The model label, plus any non-model grid factors (`resnet18-noskip-lr1.0e-03`, `baseline_cnn-svhn`)."""
-    extra = [f"{path.split('.')[-1]}{_short(v)}" for path, v in values.items()
+    extra = [f"{path.split('.')[-1]}{short_value(v)}" for path, v in values.items()
              if not path.startswith("model.") and path != "dataset.name"]
     if "dataset.name" in values:
         extra.insert(0, str(values["dataset.name"]))
@@ -291,18 +293,6 @@ def applies(path: str, model_name: str) -> bool:
     if not path.startswith("model.") or path == "model.name" or model_name not in MODEL_CATALOG:
         return True  # an unknown model keeps every factor, so validation reports the name, not a KeyError
     return path.split(".", 1)[1] in MODEL_CATALOG[model_name].params
-
-
-def with_values(config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a nested config dict with dotted-path values set."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
-    for path, value in values.items():
-        node = out
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
 
 
 def spec_trial_dict(spec: SweepSpec) -> dict[str, Any]:

@@ -6,7 +6,9 @@ does `cfg.get("lr", 0.01)`.
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -253,7 +255,7 @@ class TrialConfig(StrictModel):
     def from_flat(cls, flat: dict[str, Any]) -> TrialConfig:
         """Rebuild from `to_flat()` output (what a Ray trial receives); keys outside the config are ignored."""
         fields = set(cls.model_fields)
-        return cls.model_validate(unflatten({k: v for k, v in flat.items() if k.split(".", 1)[0] in fields}))
+        return cls.model_validate(with_values({}, {k: v for k, v in flat.items() if k.split(".", 1)[0] in fields}))
 
 
 def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -268,10 +270,11 @@ def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """{'a.b': 1} -> {'a': {'b': 1}}."""
-    out: dict[str, Any] = {}
-    for path, value in flat.items():
+def with_values(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of a nested config dict with dotted-path values set (`{"model.depth": 18}`); the one setter of
+    dotted paths (`--set` has its own, which also keeps the spec's line numbers: `spec/load.py`)."""
+    out = copy.deepcopy(dict(config))
+    for path, value in values.items():
         node = out
         *parents, leaf = path.split(".")
         for part in parents:

@@ -39,6 +39,7 @@ TAG_TRIAL_ID = "resnet_lab.trial_id"
 TAG_CELL = "resnet_lab.cell"
 TAG_STAGE = "resnet_lab.stage"
 TAG_SEED = "resnet_lab.seed"
+TAG_CONFIG = "resnet_lab.config"  # the configuration's label: the run name without seed and stage
 TAG_OUTCOME = "resnet_lab.outcome"  # an Outcome (resnet_lab.outcome)
 TAG_STOPPED_BY = "stopped_by"
 TAG_RUNG = "stopped_at_epoch"

@@ -15,9 +15,11 @@ from ray.tune.experiment import Trial
 from resnet_lab.console import LiveView
 from resnet_lab.outcome import OUTCOME_KEY, Outcome
 from resnet_lab.spec import TrialConfig
-from resnet_lab.spec.sweep import Cell, model_label
+from resnet_lab.spec.catalog import MODEL_CATALOG
+from resnet_lab.spec.sweep import Cell, model_label, short_value
 from resnet_lab.tracking import (
     TAG_CELL,
+    TAG_CONFIG,
     TAG_ERROR,
     TAG_OUTCOME,
     TAG_RESUMED_FROM,
@@ -44,27 +46,29 @@ def our_metrics(result: dict[str, Any]) -> dict[str, float]:
             and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def _short(value: Any) -> str:
-    return f"{value:.1e}" if isinstance(value, float) else str(value)  # lr3.2e-04: sortable, fixed width
+def config_label(config: dict[str, Any]) -> str:
+    """`resnet18-noskip-lr3.2e-04`: the cell and the searched values (tag `resnet_lab.config`: one configuration's
+    seeds and stages share it)."""
+    searched = [f"{k.split('.')[-1].replace('_', '')}{short_value(v, fixed_width=True)}"
+                for k, v in sorted(config.items()) if k not in META_KEYS]
+    return "-".join([TrialMeta.of(config).cell, *searched])
 
 
 def run_name(config: dict[str, Any]) -> str:
-    """`resnet18-noskip-lr3.2e-04-s0`: cell, searched values, seed; `-confirm` for the confirm stage."""
-    searched = [f"{k.split('.')[-1].replace('_', '')}{_short(v)}" for k, v in sorted(config.items())
-                if k not in META_KEYS]
+    """`resnet18-noskip-lr3.2e-04-s0`: the configuration's label, the seed; `-confirm` for the confirm stage."""
     meta = TrialMeta.of(config)
-    parts = [meta.cell, *searched, f"s{meta.seed}"]
-    if meta.stage == "confirm":
-        parts.append("confirm")
-    return "-".join(parts)
+    return f"{config_label(config)}-s{meta.seed}" + ("-confirm" if meta.stage == "confirm" else "")
 
 
 def trial_params(cfg: TrialConfig, meta: TrialMeta) -> dict[str, Any]:
     """MLflow params: short columns for the UI (arch, depth, skip, lr, seed) plus the whole resolved config."""
     tc = cfg.trainer.resolved()
+    depth, block = MODEL_CATALOG[cfg.model.name].architecture(cfg.model.depth, cfg.model.block)
     flat = {**cfg.to_flat(), **{f"trainer.{k}": v for k, v in tc.model_dump().items() if v is not None}}
-    return {"arch": model_label(cfg.model), "model": cfg.model.name, "depth": cfg.model.depth or "default",
-            "skip": cfg.model.skip if cfg.model.skip is not None else "n/a", "lr": tc.lr, "seed": cfg.seed,
+    # The resolved architecture as fields (defaults applied): the report reads these, never the `arch` label.
+    return {"arch": model_label(cfg.model), "model": cfg.model.name, "depth": depth if depth is not None else "n/a",
+            "block": block, "skip": cfg.model.skip if cfg.model.skip is not None else "n/a", "lr": tc.lr,
+            "seed": cfg.seed,
             "cell": meta.cell, "stage": meta.stage, **flat}
 
 
@@ -147,7 +151,8 @@ class TrackingCallback(Callback):
             config = trial.config
             meta = TrialMeta.of(config)
             cfg = trial_config(self.cells[meta.cell].base, config)
-            tags = {TAG_CELL: meta.cell, TAG_STAGE: meta.stage, TAG_SEED: str(meta.seed)}
+            tags = {TAG_CELL: meta.cell, TAG_STAGE: meta.stage, TAG_SEED: str(meta.seed),
+                    TAG_CONFIG: config_label(config)}
             self.runs[trial.trial_id] = self.tracker.start_trial(trial.trial_id, run_name(config),
                                                                  trial_params(cfg, meta), tags)
             if not self.tracker.reopened:

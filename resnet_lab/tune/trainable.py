@@ -15,7 +15,7 @@ from ray import tune
 
 from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.spec import DatasetConfig, ResolvedTrainer, TrialConfig
-from resnet_lab.spec.sweep import with_values
+from resnet_lab.spec.trial import with_values
 
 if TYPE_CHECKING:  # torch is imported in trial processes only
     from resnet_lab.trainer import Placement
