@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import ROOT, machine_line, median, parser, show
-from sweep_overhead import CONCURRENCY, known_cost, summarize, trial_results
+from sweep_overhead import CONCURRENCY, WORKLOAD, known_cost, summarize, trial_results
 
 HERE = Path(__file__).resolve().parent
 EPOCHS, IMAGES = 3, 512
@@ -61,16 +61,7 @@ COMMIT = subprocess.run("git rev-parse --short HEAD && git status --porcelain --
                         shell=True, cwd=ROOT, capture_output=True, text=True).stdout.split("\n", 1)
 COMMIT = COMMIT[0] + ("+" if COMMIT[1].strip() else "")
 
-SPEC = """\
-name: scaling-n{trials}
-experiment: scaling
-dataset:
-  name: synthetic
-  augment: false
-  val_fraction: 0.25
-  synthetic: {{train_size: {images}, test_size: 64, image_size: 16}}
-model: {{name: baseline_cnn, width: 0.5}}
-trainer: {{recipe: paper, epochs: {epochs}, batch_size: 64, early_stopping_patience: 0, device: cpu}}
+SPEC = "name: scaling-n{trials}\nexperiment: scaling\n" + WORKLOAD + """\
 search:
   lr: {{type: loguniform, low: 0.01, high: 0.1}}
 samples_per_cell: {trials}
@@ -291,7 +282,7 @@ def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, e
              rate: int, results: Path | None) -> list[dict[str, Any]]:
     """sweep.py on each store, then the bare Tuner, for `n` trials; each run saved to `results` as it ends."""
     spec = tmp / f"scaling-n{n}.yaml"
-    spec.write_text(SPEC.format(trials=n, images=IMAGES, epochs=EPOCHS, concurrency=CONCURRENCY))
+    spec.write_text(SPEC.format(trials=n, images=IMAGES, epochs=EPOCHS, concurrency=CONCURRENCY, device="cpu"))
     timeout = 600 + 10 * n
     out = []
     for name in names:
@@ -434,7 +425,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     spec = tmp / "cost.yaml"
-    spec.write_text(SPEC.format(trials=1, images=IMAGES, epochs=EPOCHS, concurrency=CONCURRENCY))
+    spec.write_text(SPEC.format(trials=1, images=IMAGES, epochs=EPOCHS, concurrency=CONCURRENCY, device="cpu"))
     costs = known_cost(spec, 3)
     print(f"  known cost C, before the runs: {', '.join(f'{c:.2f}' for c in costs)} s", flush=True)
     rows: list[dict[str, Any]] = []

@@ -38,9 +38,8 @@ from _common import ROOT, machine_line, median, parser, show
 HERE = Path(__file__).resolve().parent
 CONCURRENCY = 2
 
-SPEC = """\
-name: overhead
-experiment: overhead
+# The fixed-cost workload of the overhead benchmarks (scaling.py runs it too): a str.format template.
+WORKLOAD = """\
 dataset:
   name: synthetic
   augment: false
@@ -48,6 +47,9 @@ dataset:
   synthetic: {{train_size: {images}, test_size: 64, image_size: 16}}
 model: {{name: baseline_cnn, width: 0.5}}
 trainer: {{recipe: paper, epochs: {epochs}, batch_size: 64, early_stopping_patience: 0, device: {device}}}
+"""
+
+SPEC = "name: overhead\nexperiment: overhead\n" + WORKLOAD + """\
 seeds: {seeds}
 scheduler: {{type: none}}
 resources: {{cpu: 1, gpu: {gpu}}}
