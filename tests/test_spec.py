@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from resnet_lab.spec import TrialConfig
+from resnet_lab.spec import RECIPES, ResolvedTrainer, TrainerConfig, TrialConfig
 from resnet_lab.spec.load import load_spec, parse_override
 from resnet_lab.spec.loader import SpecError
 from resnet_lab.spec.sweep import asha_rungs
@@ -130,6 +131,17 @@ def test_recipe_defaults_live_in_one_place() -> None:
     assert (paper.optimizer, paper.lr, paper.batch_size, paper.schedule) == ("adam", 1e-3, 64, "plateau")
     fast = TrialConfig.model_validate({"trainer": {"recipe": "fast", "lr": 0.05}}).trainer.resolved()
     assert (fast.optimizer, fast.nesterov, fast.lr, fast.batch_size) == ("sgd", True, 0.05, 512)
+
+
+def test_resolved_trainer_is_derived_from_trainer_config() -> None:
+    # One declaration of the knobs: the resolved record has TrainerConfig's fields, in its order, and the recipe
+    # leaves None only where TrainerConfig means None (no clipping, torch's thread count).
+    assert list(ResolvedTrainer.model_fields) == list(TrainerConfig.model_fields)
+    for recipe in RECIPES:
+        values = TrainerConfig(recipe=recipe).resolved().model_dump()
+        assert {k for k, v in values.items() if v is None} == {"grad_clip", "threads"}
+    with pytest.raises(ValidationError, match="batch_size"):  # TrainerConfig's bounds hold on the resolved record
+        ResolvedTrainer(**{**TrainerConfig().resolved().model_dump(), "batch_size": 0})
 
 
 def test_asha_rungs_match_grace_and_reduction() -> None:

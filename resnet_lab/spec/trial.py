@@ -7,12 +7,14 @@ does `cfg.get("lr", 0.01)`.
 from __future__ import annotations
 
 import copy
+import functools
+import operator
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, Strict, ValidationInfo, field_validator, model_validator
+from pydantic import Field, Strict, ValidationInfo, create_model, field_validator, model_validator
 
 from resnet_lab.spec.base import StrictModel
 from resnet_lab.spec.catalog import MODEL_CATALOG
@@ -153,7 +155,10 @@ AnalysisKind = Literal["lesion", "attribution"]
 
 
 class TrainerConfig(StrictModel):
-    """Optimisation recipe and its knobs. None means "the recipe's value" (see RECIPES)."""
+    """Optimisation recipe and its knobs. None means "the recipe's value" (see RECIPES).
+
+    The knobs are declared here only: ResolvedTrainer is derived from these fields (`_resolved_model`).
+    """
 
     recipe: Recipe = "paper"
     epochs: int = Field(30, gt=0, le=10_000)
@@ -186,33 +191,6 @@ class TrainerConfig(StrictModel):
         return ResolvedTrainer(**values)
 
 
-class ResolvedTrainer(StrictModel):
-    """A TrainerConfig with every recipe default applied: what the trainer actually runs."""
-
-    recipe: Recipe
-    epochs: int
-    batch_size: int
-    optimizer: Literal["adam", "adamw", "sgd"]
-    lr: float
-    momentum: float
-    nesterov: bool
-    weight_decay: float
-    schedule: Literal["plateau", "onecycle", "cosine", "none"]
-    warmup_epochs: float
-    plateau_patience: int
-    plateau_factor: float
-    early_stopping_patience: int
-    label_smoothing: float
-    dropout: float
-    grad_clip: float | None = None
-    device: Literal["auto", "cpu", "cuda"]
-    amp: bool
-    channels_last: bool
-    compile: bool
-    threads: int | None = None
-    deterministic: bool
-
-
 # The reference study: Adam lr 1e-3, batch 64, ReduceLROnPlateau on val loss, early stopping, dropout.
 # `fast`: the usual CIFAR speed recipe (SGD Nesterov 0.9, wd 5e-4, one-cycle with warm-up, label smoothing 0.1,
 # batch 512, lr 0.2 for batch 512 as in Goyal et al.'s 0.1 per 256).
@@ -228,6 +206,33 @@ RECIPES: dict[str, dict[str, Any]] = {
         early_stopping_patience=0, label_smoothing=0.1, dropout=0.0, deterministic=False,
     ),
 }
+
+
+def _resolved_model() -> type[StrictModel]:
+    """TrainerConfig with every field the recipes fill made required and never None: the knobs stay declared once.
+
+    A field with a non-None default becomes required too (resolved() always passes it); a field whose default is
+    None and that no recipe fills (grad_clip, threads) keeps its declaration: None stays a meaningful value.
+    """
+    filled = set(RECIPES["paper"])
+    assert all(set(recipe) == filled for recipe in RECIPES.values()), "every recipe fills the same knobs"
+    assert filled <= set(TrainerConfig.model_fields), "a recipe fills a knob TrainerConfig does not declare"
+    fields: dict[str, Any] = {}
+    for name, info in TrainerConfig.model_fields.items():
+        if name not in filled and info.default is None:
+            fields[name] = (info.annotation, info)
+            continue
+        annotation = info.annotation
+        if name in filled:
+            annotation = functools.reduce(operator.or_, (a for a in get_args(annotation) if a is not type(None)))
+        constrained = Annotated[(annotation, *info.metadata)] if info.metadata else annotation  # bounds kept
+        fields[name] = (constrained, ...)
+    return create_model("ResolvedTrainer", __base__=StrictModel, __module__=__name__,
+                        __doc__="A TrainerConfig with every recipe default applied: what the trainer actually runs.",
+                        **fields)
+
+
+ResolvedTrainer = _resolved_model()
 
 
 class TrialConfig(StrictModel):
