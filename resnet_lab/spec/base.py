@@ -1,6 +1,8 @@
-"""The pydantic base every spec object derives from: frozen, strict, unknown keys rejected."""
+"""The pydantic base every spec object derives from (frozen, strict, unknown keys rejected), and its error text."""
 
 from __future__ import annotations
+
+import re
 
 from pydantic import BaseModel, ConfigDict
 
@@ -10,3 +12,9 @@ class StrictModel(BaseModel):
 
     # strict=True: "3" is not an int and 1 is not True; ints are still accepted for float fields.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def clean_message(message: str) -> str:
+    """A pydantic error message as a rule that reads after `field: ` ("Value error, " dropped, lower-case start)."""
+    message = re.sub(r"^(Value error|Assertion failed), ", "", message)
+    return message[:1].lower() + message[1:]

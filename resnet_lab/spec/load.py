@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from resnet_lab.spec.base import clean_message
 from resnet_lab.spec.checks import check_spec_values, grid_value_problems, size_problems
 from resnet_lab.spec.loader import (
     LineDict,
@@ -36,7 +37,6 @@ from resnet_lab.spec.sweep import (
     NoScheduler,
     SweepSpec,
     Uniform,
-    _clean,
     check_cells,
     expand_cells,
     factor_names,
@@ -183,7 +183,7 @@ def _message(err: dict[str, Any], loc: list[Any]) -> str:
     if kind == "string_pattern_mismatch" and loc == ["name"]:
         return (f"should be 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit "
                 f"(it names runs and directories) (got {_show(value)})")
-    message = _clean(err["msg"])
+    message = clean_message(err["msg"])
     if isinstance(value, dict) or (kind in ("value_error", "assertion_error")
                                    and ("(got" in message or str(value) in message)):
         return message  # a whole section is no use to print; our own validators already show the value

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from resnet_lab.spec.base import StrictModel
+from resnet_lab.spec.base import StrictModel, clean_message
 from resnet_lab.spec.catalog import MODEL_CATALOG
 from resnet_lab.spec.loader import suggest
 from resnet_lab.spec.trial import AnalysisKind, DatasetConfig, ModelConfig, TrainerConfig, TrialConfig, with_values
@@ -489,13 +489,8 @@ def _validated(config: dict[str, Any], values: dict[str, Any], section: str,
         where = ".".join(str(p) for p in err["loc"])
         shown = ", ".join(f"{p}={v!r}" for p, v in values.items())
         item = (origin or {}).get(where)
-        raise CellError(f"{section} combination {{{shown}}}: {where}: {_clean(err['msg'])}", values, where,
+        raise CellError(f"{section} combination {{{shown}}}: {where}: {clean_message(err['msg'])}", values, where,
                         item) from None
-
-
-def _clean(message: str) -> str:
-    message = re.sub(r"^(Value error|Assertion failed), ", "", message)
-    return message[:1].lower() + message[1:]
 
 
 def configs_in(spec: SweepSpec, cell: Cell) -> int:
