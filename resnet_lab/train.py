@@ -3,56 +3,114 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import operator
 import sys
-from typing import TYPE_CHECKING
+import types
+import typing
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
-from resnet_lab.spec import DATASET_NAMES, TrialConfig, model_names
+from resnet_lab.spec import TrainerConfig, TrialConfig, model_names
+from resnet_lab.spec.base import clean_message
+from resnet_lab.spec.trial import with_values
 
 if TYPE_CHECKING:
     from resnet_lab.trainer import EpochMetrics
+
+# Flags that set a model or dataset field: flag -> the field's dotted path. Every TrainerConfig knob is a flag too
+# (`--batch-size` sets trainer.batch_size), added from its fields, so a new knob needs no edit here.
+# trainer.dropout is left out: `--dropout` sets model.dropout, which overrides it.
+FIELD_FLAGS: dict[str, str] = {
+    "--model": "model.name", "--depth": "model.depth", "--block": "model.block", "--width": "model.width",
+    "--skip": "model.skip", "--dropout": "model.dropout", "--stem": "model.stem",
+    "--dataset": "dataset.name", "--data-root": "dataset.root", "--subset": "dataset.subset",
+    "--classes": "dataset.classes", "--init": "model.init", "--seed": "seed",
+}
+FIELD_FLAGS.update({f"--{name.replace('_', '-')}": f"trainer.{name}" for name in TrainerConfig.model_fields
+                    if name != "dropout"})
+# What a bare `python -m resnet_lab.train` runs: a quick look, not the spec's 30 epochs of CIFAR-10.
+CLI_DEFAULTS: dict[str, Any] = {"dataset.name": "fashion_mnist", "trainer.epochs": 2}
+HELP: dict[str, str] = {
+    "--model": f"one of: {', '.join(model_names())}",
+    "--skip": "residual shortcuts on (default) or off (plain-net ablation)",
+    "--data-root": "data directory (default: $RESNET_LAB_DATA or ~/.cache/resnet-lab/data)",
+    "--subset": "use only N training images",
+    "--classes": "keep only these classes, relabelled 0..k-1 in this order",
+    "--init": "start from this checkpoint directory ({seed}: the seed), with a new head",
+}
+
+
+def field_at(path: str) -> FieldInfo:
+    """The pydantic field a dotted path names in TrialConfig (`trainer.lr`)."""
+    model: type[BaseModel] = TrialConfig
+    *sections, leaf = path.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation  # type: ignore[assignment]
+    return model.model_fields[leaf]
+
+
+def argument_for(info: FieldInfo) -> dict[str, Any]:
+    """argparse keywords from a field's type: its Literal values as choices, bools as --x/--no-x, tuples as lists."""
+    annotation = info.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `X | None`: the flag gives an X
+        annotation = functools.reduce(operator.or_, [a for a in typing.get_args(annotation) if a is not type(None)])
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(annotation) is Literal:
+        return {"choices": typing.get_args(annotation)}
+    if typing.get_origin(annotation) is tuple:  # dataset.classes: tuple[int, ...]
+        return {"type": typing.get_args(typing.get_args(annotation)[0])[0], "nargs": "+"}
+    if annotation in (int, float, str):
+        return {"type": annotation}
+    raise TypeError(f"no command-line form for a field of type {annotation}")  # a flag was mapped to a new kind
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; every value is validated by the spec types, not here."""
     p = argparse.ArgumentParser(prog="python -m resnet_lab.train", description=__doc__)
-    p.add_argument("--model", default="resnet", help=f"one of: {', '.join(model_names())}")
-    p.add_argument("--depth", type=int)
-    p.add_argument("--block", choices=("basic", "bottleneck", "preact"))
-    p.add_argument("--width", type=float)
-    p.add_argument("--skip", action=argparse.BooleanOptionalAction, default=None,
-                   help="residual shortcuts on (default) or off (plain-net ablation)")
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--dataset", default="fashion_mnist", help=f"one of: {', '.join(DATASET_NAMES)}")
-    p.add_argument("--data-root", help="data directory (default: $RESNET_LAB_DATA or ~/.cache/resnet-lab/data)")
-    p.add_argument("--no-download", action="store_true", help="never try to download the dataset")
-    p.add_argument("--subset", type=int, help="use only N training images")
-    p.add_argument("--classes", type=int, nargs="+", help="keep only these classes, relabelled 0..k-1 in this order")
-    p.add_argument("--init", help="start from this checkpoint directory ({seed}: the seed), with a new head")
+    for flag, path in FIELD_FLAGS.items():
+        info = field_at(path)
+        default = CLI_DEFAULTS.get(path)
+        shown = default if default is not None else info.default
+        help_text = HELP.get(flag, path) + (f" (default: {shown})" if shown is not None else "")
+        # default None: a flag not given leaves the field to the config (or the recipe) instead of restating it
+        kwargs = argument_for(info)
+        if "type" in kwargs:
+            kwargs["metavar"] = path.rsplit(".", 1)[-1].upper()
+        p.add_argument(flag, dest=path, default=default, help=help_text, **kwargs)
+    p.add_argument("--no-download", dest="dataset.download", action="store_const", const=False,
+                   help="never try to download the dataset")
     p.add_argument("--save-state", metavar="DIR",
                    help="save the final training state (train_state.pt) in DIR ({seed}: the seed), e.g. for --init")
-    p.add_argument("--recipe", choices=("paper", "fast"), default="paper")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> TrialConfig:
-    """Build the TrialConfig; raises pydantic.ValidationError on bad values."""
-    model = {"name": args.model, "depth": args.depth, "block": args.block, "width": args.width,
-             "skip": args.skip, "dropout": args.dropout, "init": args.init}
-    dataset = {"name": args.dataset, "root": args.data_root, "subset": args.subset,
-               "download": not args.no_download, "classes": args.classes}
-    trainer = {"recipe": args.recipe, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-               "device": args.device, "compile": args.compile}
-    drop_none = lambda d: {k: v for k, v in d.items() if v is not None}  # noqa: E731
-    return TrialConfig.model_validate({"model": drop_none(model), "dataset": drop_none(dataset),
-                                       "trainer": drop_none(trainer), "seed": args.seed})
+    """Build the TrialConfig from the flags that were given; raises pydantic.ValidationError on bad values."""
+    paths = {*FIELD_FLAGS.values(), "dataset.download"}
+    given = {path: value for path, value in vars(args).items() if path in paths and value is not None}
+    return TrialConfig.model_validate(with_values({}, given))
+
+
+def error_lines(exc: ValidationError) -> list[str]:
+    """One line per problem, led by the flag that set the field (`--model: 'resnt' is not a known model; ...`)."""
+    flags = {path: flag for flag, path in FIELD_FLAGS.items()}
+    flags["dataset.download"] = "--no-download"
+    lines = []
+    for err in exc.errors():
+        path = ".".join(map(str, err["loc"]))
+        message, value = clean_message(err["msg"]), err.get("input")
+        # a whole section is no use to print; our own validators already show the value
+        shown = "(got" in message or (err["type"] == "value_error" and str(value) in message)
+        if not (isinstance(value, dict) or shown):
+            message += f" (got {value!r})"
+        # a section's own rule (`dataset: dataset.classes lists a class twice`) is led by the flag it names
+        flag = flags.get(path) or next((f for p, f in flags.items() if "." in p and p in message), path)
+        lines.append(f"{flag}: {message}")
+    return lines
 
 
 def on_epoch(epoch: EpochMetrics, save_state: str | None, seed: int) -> None:
@@ -73,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
     except ValidationError as exc:
-        for err in exc.errors():
-            console.error(f"--{'.'.join(map(str, err['loc'][-1:]))}: {err['msg']} (got {err.get('input')!r})")
+        console.error("\n".join(error_lines(exc)))
         return 2
 
     from resnet_lab.data import DatasetMissingError
