@@ -16,14 +16,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from resnet_lab.spec.datasets import FILE_DATASETS
 from resnet_lab.spec.load import LoadedSpec
 from resnet_lab.spec.sweep import AshaConfig, Cell, SweepSpec, asha_rungs, trials_in
 
 WARMUP_STEPS = 3
 TIMED_STEPS = 5
-# Training-set sizes of the built-in datasets (the official train split, before dataset.subset and val_fraction).
-TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "svhn": 73_257, "fashion_mnist": 60_000}
-IMAGE_SIDES = {"cifar10": 32, "cifar100": 32, "svhn": 32, "fashion_mnist": 32}  # Fashion-MNIST is padded to 32
 
 
 def expected_epochs(max_epochs: int, rungs: Sequence[int], reduction_factor: int) -> float:
@@ -80,8 +78,8 @@ def data_sizes(cell: Cell) -> tuple[int, int, int]:
     ds = cell.base.dataset
     if ds.name == "synthetic":
         n, side = ds.synthetic.train_size, ds.synthetic.image_size
-    elif ds.name in TRAIN_SIZES:
-        n, side = TRAIN_SIZES[ds.name], IMAGE_SIDES[ds.name]
+    elif ds.name in FILE_DATASETS:
+        n, side = FILE_DATASETS[ds.name].train_size, FILE_DATASETS[ds.name].image_size
     else:  # an image folder: count its training images (files under train/<class>/)
         from pathlib import Path
 

@@ -27,6 +27,7 @@ from resnet_lab.data import (
 )
 from resnet_lab.data import sources as data_sources
 from resnet_lab.spec import DatasetConfig, SyntheticConfig
+from resnet_lab.spec.datasets import FILE_DATASETS
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -72,6 +73,8 @@ def test_fashion_mnist_debian_files_load_zero_padded_to_32(fashion: tuple[Path, 
     first = torch.frombuffer(bytearray(raw[16:16 + 784]), dtype=torch.uint8).view(28, 28)
     assert torch.equal(data.test[0][0, 0, 2:30, 2:30], first)
     assert (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").stat().st_size == 16 + 60000 * 784
+    facts = FILE_DATASETS["fashion_mnist"]  # the table's row is the real files' shape and size
+    assert (facts.num_classes, facts.channels, facts.image_size, facts.train_size) == (10, 1, 32, 60000)
 
 
 def test_fashion_mnist_unpacks_gzipped_system_files_into_root(tmp_path: Path,
@@ -115,6 +118,22 @@ def test_svhn_mat_files_load_with_label_10_read_as_digit_0(tmp_path: Path) -> No
     assert torch.equal(data.test[0], as_tensor(test.images))
     assert torch.equal(data.test[1], as_tensor(test.labels)) and (data.test[1] == 0).any()
     assert data.augment == Augment(crop=True, flip=False)
+
+
+@pytest.mark.parametrize("name", sorted(FILE_DATASETS))
+def test_file_datasets_load_with_the_shape_their_facts_state(name: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # One table (spec/datasets.py) tells the dry run, the parameter matching and the augmentation what a dataset is
+    # without reading it: the files in the real formats must agree with it.
+    if name == "fashion_mnist":
+        write_fashion_mnist(tmp_path / "system", train=40, test=10, gz=True)
+        monkeypatch.setattr(data_sources, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "system")
+    else:
+        {"cifar10": write_cifar10, "cifar100": write_cifar100, "svhn": write_svhn}[name](tmp_path)
+    data, facts = load_data(offline(name, tmp_path)), FILE_DATASETS[name]
+    assert (data.num_classes, data.in_channels, data.image_size) == (facts.num_classes, facts.channels,
+                                                                     facts.image_size)
+    assert data.augment == Augment(crop=True, flip=facts.flip)
 
 
 @pytest.mark.parametrize(("name", "needed"), [

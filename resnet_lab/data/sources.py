@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torchvision import datasets
 
 from resnet_lab.data.base import DatasetError, DatasetMissingError, RawData
+from resnet_lab.spec.datasets import FILE_DATASETS
 
 # Debian's `dataset-fashion-mnist` package installs the four gzipped IDX files here (recompressed by Debian: the
 # decompressed bytes equal the originals).
@@ -89,8 +90,7 @@ def _fashion_mnist(root: Path, train: bool, download: bool) -> Split:
 class Source:
     """Where a dataset's files live, how to read them, and what to tell a person when they are missing."""
 
-    name: str
-    num_classes: int
+    name: str  # its facts (classes, channels, size) are in spec/datasets.py's FILE_DATASETS
     subdir: str  # below the data root; the files that must exist are there
     files: tuple[str, ...]
     how_to_get: str  # "place ... there"; {dir} is the directory looked in
@@ -109,23 +109,23 @@ _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 _FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 SOURCES: dict[str, Source] = {
     "cifar10": Source(
-        "cifar10", 10, "cifar-10-batches-py",
+        "cifar10", "cifar-10-batches-py",
         ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
          "batches.meta"),
         f"place cifar-10-python.tar.gz from {_CIFAR_URL}cifar-10-python.tar.gz in {{root}} and extract it there "
         "(tar xzf) so that {dir}/data_batch_1 exists",
         lambda root, train, download: _cifar(PresentCIFAR10, root, train, download)),
     "cifar100": Source(
-        "cifar100", 100, "cifar-100-python", ("train", "test", "meta"),
+        "cifar100", "cifar-100-python", ("train", "test", "meta"),
         f"place cifar-100-python.tar.gz from {_CIFAR_URL}cifar-100-python.tar.gz in {{root}} and extract it there "
         "(tar xzf) so that {dir}/train exists",
         lambda root, train, download: _cifar(PresentCIFAR100, root, train, download)),
     "svhn": Source(
-        "svhn", 10, "", ("train_32x32.mat", "test_32x32.mat"),
+        "svhn", "", ("train_32x32.mat", "test_32x32.mat"),
         "place train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ in {dir}",
         _svhn),
     "fashion_mnist": Source(
-        "fashion_mnist", 10, "FashionMNIST/raw", FASHION_MNIST_FILES,
+        "fashion_mnist", "FashionMNIST/raw", FASHION_MNIST_FILES,
         f"place {', '.join(FASHION_MNIST_FILES)} (the .gz files from {_FASHION_URL}, gunzipped) in {{dir}}, "
         f"or install Debian's dataset-fashion-mnist (read from {FASHION_MNIST_SYSTEM_DIR})",
         _fashion_mnist),
@@ -178,7 +178,7 @@ def read_source(name: str, root: Path, download: bool) -> RawData:
             raise _missing_error(source, root, missing, reason) from None
         raise DatasetError(f"{source.name}: could not read the files in {source.directory(root)} ({reason}); "
                            "delete them and place fresh copies, or let dataset.download: true fetch them") from None
-    return RawData(*train, *test, num_classes=source.num_classes)
+    return RawData(*train, *test, num_classes=FILE_DATASETS[name].num_classes)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -8,21 +8,19 @@ import torch
 
 from resnet_lab.data.base import RawData
 from resnet_lab.data.loader import Augment, DeviceLoader
+from resnet_lab.spec.datasets import FILE_DATASETS
 from resnet_lab.spec.trial import DatasetConfig
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
-# Digits change meaning when mirrored (SVHN: 2/5, 6/9 look-alikes), so they are never flipped. Synthetic data trains
+# Crop (and flip where a mirror keeps the label: FILE_DATASETS' `flip`) for the file datasets. Synthetic data trains
 # without augmentation by default: its tests and smoke runs want the plain task.
 DEFAULT_AUGMENT: dict[str, Augment] = {
-    "cifar10": Augment(crop=True, flip=True),
-    "cifar100": Augment(crop=True, flip=True),
-    "svhn": Augment(crop=True, flip=False),
-    "fashion_mnist": Augment(crop=True, flip=True),
+    **{name: Augment(crop=True, flip=facts.flip) for name, facts in FILE_DATASETS.items()},
     "synthetic": Augment(),
     "image_folder": Augment(resized_crop=True, flip=True),  # ImageNet's recipe: random resized crop + flip
 }
-FLIP_ALLOWED: dict[str, bool] = {"cifar10": True, "cifar100": True, "svhn": False, "fashion_mnist": True,
+FLIP_ALLOWED: dict[str, bool] = {**{name: facts.flip for name, facts in FILE_DATASETS.items()},
                                  "synthetic": True, "image_folder": True}
 _STATS_CHUNK = 8192  # images per histogram step: bounds the per-channel copy to 8 MB at 32x32
 

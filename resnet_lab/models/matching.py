@@ -6,10 +6,7 @@ import functools
 
 from resnet_lab.models.registry import build_model, count_params
 from resnet_lab.spec import TrialConfig
-
-# (in_channels, num_classes) of the file datasets. Why a table here: loading a dataset to learn its shape would cost
-# seconds to minutes before a dry-run; these are fixed facts of the published datasets (torchvision's classes).
-_SHAPES = {"cifar10": (3, 10), "cifar100": (3, 100), "svhn": (3, 10), "fashion_mnist": (1, 10)}
+from resnet_lab.spec.datasets import FILE_DATASETS
 
 
 def data_shape(cfg: TrialConfig) -> tuple[int, int]:
@@ -23,8 +20,9 @@ def _all_classes(cfg: TrialConfig) -> tuple[int, int]:
     ds = cfg.dataset
     if ds.name == "synthetic":
         return ds.synthetic.channels, ds.synthetic.num_classes
-    if ds.name in _SHAPES:
-        return _SHAPES[ds.name]
+    if ds.name in FILE_DATASETS:  # fixed facts: no need to load the data to learn its shape
+        facts = FILE_DATASETS[ds.name]
+        return facts.channels, facts.num_classes
     # A folder of images (class sub-folders): RGB, as many classes as the training folder has sub-folders.
     from torchvision.datasets.folder import find_classes
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from resnet_lab.spec.catalog import MODEL_CATALOG, ModelEntry, model_names
+from resnet_lab.spec.datasets import DATASET_NAMES
 from resnet_lab.spec.trial import (
-    DATASET_NAMES,
     RECIPES,
     DatasetConfig,
     ModelConfig,

@@ -18,12 +18,8 @@ from pydantic import Field, Strict, ValidationInfo, create_model, field_validato
 
 from resnet_lab.spec.base import StrictModel
 from resnet_lab.spec.catalog import MODEL_CATALOG
+from resnet_lab.spec.datasets import DEFAULT_FOLDER_IMAGE_SIZE, DatasetName
 from resnet_lab.spec.loader import suggest
-
-DatasetName = Literal["cifar10", "cifar100", "svhn", "fashion_mnist", "synthetic", "image_folder"]
-DATASET_NAMES: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "fashion_mnist", "synthetic", "image_folder")
-# image_folder's side length when dataset.image_size is unset: torchvision's ImageNet evaluation crop.
-DEFAULT_FOLDER_IMAGE_SIZE = 224
 
 DATA_ROOT_ENV = "RESNET_LAB_DATA"
 
