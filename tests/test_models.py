@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resnet_lab.gradflow import weighted_layers
 from resnet_lab.models import build_model, count_params, model_names, register
 from resnet_lab.spec.catalog import MODEL_CATALOG
 
@@ -55,11 +56,6 @@ DEPTH_VARIANTS = [v for v in VARIANTS if "depth" in v[1]]
 
 def build(name: str, params: dict[str, Any], **extra: Any) -> nn.Module:
     return build_model(name, **params, **extra)
-
-
-def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every conv and linear layer in named_modules order, shortcuts included (gradflow's list leaves them out)."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
 def is_shortcut(name: str) -> bool:
@@ -199,8 +195,7 @@ def test_the_global_seed_fixes_the_initial_weights() -> None:
 def test_depth_counts_weighted_layers_without_projection_shortcuts(variant: tuple[str, dict[str, Any]]) -> None:
     name, params = variant
     model = build(name, params, width=SMALL_WIDTH)
-    layers = [n for n, _ in weighted_layers(model) if not is_shortcut(n)]
-    assert len(layers) == params["depth"]
+    assert len(weighted_layers(model)) == params["depth"]  # gradflow's list: projection shortcuts left out
 
 
 @pytest.mark.parametrize(("name", "params"), with_skip(VARIANTS))
