@@ -35,23 +35,29 @@ class CheckpointPruner(Callback):
     def __init__(self, safe_after_s: float = 120.0) -> None:
         self.safe_after_s = safe_after_s
         self._kept: dict[str, list[_Kept]] = {}  # trial id -> its checkpoints, oldest first
+        # Trials holding more than their newest checkpoint: the only ones with anything to mark or delete, so a
+        # checkpoint costs the running trials, not every trial the sweep has seen (linear in N at 1,000 trials).
+        self._older: set[str] = set()
         self.deleted = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled with the run config at the start: what it tracks belongs to this driver process only.
-        return {"safe_after_s": self.safe_after_s, "_kept": {}, "deleted": 0}
+        return {"safe_after_s": self.safe_after_s, "_kept": {}, "_older": set(), "deleted": 0}
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Checkpoint,
                       **info: Any) -> None:
-        self._kept.setdefault(trial.trial_id, []).append(_Kept(checkpoint))
+        kept = self._kept.setdefault(trial.trial_id, [])
+        kept.append(_Kept(checkpoint))
+        if len(kept) > 1:
+            self._older.add(trial.trial_id)
         self.prune()
 
     def get_state(self) -> dict[str, Any] | None:
         # Tune calls this while it writes an experiment snapshot: that snapshot points at each trial's newest
         # checkpoint (or a newer one), so every older checkpoint is superseded as of now.
         now = time.monotonic()
-        for kept in self._kept.values():
-            for entry in kept[:-1]:
+        for trial_id in self._older:
+            for entry in self._kept[trial_id][:-1]:
                 if entry.superseded_at is None:
                     entry.superseded_at = now
         self.prune(now)
@@ -60,14 +66,16 @@ class CheckpointPruner(Callback):
     def prune(self, now: float | None = None) -> None:
         """Delete the checkpoints superseded in a snapshot that began at least `safe_after_s` ago."""
         now = time.monotonic() if now is None else now
-        for trial_id, kept in self._kept.items():
+        for trial_id in list(self._older):
             keep = []
-            for entry in kept:
+            for entry in self._kept[trial_id]:
                 if entry.superseded_at is not None and now - entry.superseded_at >= self.safe_after_s:
                     self._delete(trial_id, entry.checkpoint)
                 else:
                     keep.append(entry)
             self._kept[trial_id] = keep
+            if len(keep) <= 1:
+                self._older.discard(trial_id)
 
     def _delete(self, trial_id: str, checkpoint: Checkpoint) -> None:
         try:
