@@ -2,12 +2,16 @@
 
 A sweep must outlive its tracking server: on a cluster that is an `mlflow server` (Postgres behind it) that restarts
 now and then. Every write of the driver goes through one `Outbox` per (store, sweep): a bounded FIFO applied by one
-thread. While the store answers, a write waits for itself (write-through: a test or the report reads what it just
-wrote). Once a write fails with a transient error (connection refused, HTTP 5xx, a locked SQLite file, Postgres
-restarting), later writes queue behind it and return at once, so Tune's event loop, and with it the trials, keep
-going; the head of the queue is retried with back-off until it is stored. When the store stays away longer than the
-give-up deadline the queue is saved to a spool file, the sweep is stopped the way Ctrl-C stops it (Tune saves its
-state) and `--resume` sends the spooled writes first.
+thread. A write returns as soon as it is queued (write-behind): Tune hands a trial its next step only after the
+driver has handled its last result, so a driver waiting on MLflow (~40 ms a request on SQLite, more behind a server)
+is a trial waiting too (benchmarks/scaling.py measured it). Reads (`SweepTracker._read`) wait for the queue first, so
+the driver always reads what it wrote. A SIGKILLed driver loses what was still queued: with a healthy store that is
+the last few writes, and an epoch among them that a later Tune snapshot already covers stays missing from that
+run's history (the trial's final metrics and outcome are written when it ends, after its last epoch).
+Once a write fails with a transient error (connection refused, HTTP 5xx, a locked SQLite file, Postgres
+restarting), later writes queue behind it; the head of the queue is retried with back-off until it is stored.
+When the store stays away longer than the give-up deadline the queue is saved to a spool file, the sweep is stopped
+the way Ctrl-C stops it (Tune saves its state) and `--resume` sends the spooled writes first.
 
 Replays are idempotent, so a write that reached the store before its connection broke is not stored twice:
 - a trial's run is created only after searching for its trial-id tag under the sweep (a retried create would
@@ -35,7 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,7 +53,6 @@ GIVE_UP_ENV = "RESNET_LAB_TRACKING_GIVE_UP_S"
 DEFAULT_GIVE_UP_S = 600.0  # 10 minutes of a store that does not answer: longer than a server restart or failover
 SPOOL_ENV = "RESNET_LAB_TRACKING_SPOOL"  # directory of the spool files (default ~/.cache/resnet_lab/tracking-spool)
 MAX_PENDING = 10_000  # queued writes (about one per trial-epoch): past this, callers wait (back-pressure, no loss)
-SYNC_WAIT_S = 5.0  # how long a caller waits for its own write while the store looks healthy
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)  # between retries of the head write; 15 s: a returning server is seen soon
 TAG_TRIAL_ID = "resnet_lab.trial_id"
 PENDING_PREFIX = "trial:"  # a trial run not created yet is named by its trial id until it is
@@ -107,7 +110,6 @@ class Write:
     run: str
     args: dict[str, Any]
     attempts: int = 0  # failed tries so far (replays from a spool count as tried: they may be stored already)
-    done: bool = field(default=False, compare=False)
 
     def to_json(self) -> str:
         return json.dumps({"op": self.op, "run": self.run, "args": self.args, "attempts": max(1, self.attempts)})
@@ -138,23 +140,16 @@ class Outbox:
 
     # -- callers' side -----------------------------------------------------------------------------------------
     def put(self, write: Write) -> None:
-        """Queue a write; while the store is healthy and nothing is queued, wait (up to 5 s) until it is stored."""
+        """Queue a write and return; only a full queue (`MAX_PENDING`) makes the caller wait."""
         with self._cond:
-            if self.given_up:
-                self._append_spool([write])
-                return
             while len(self._queue) >= MAX_PENDING and not self.given_up:
                 self._cond.wait(1.0)
             if self.given_up:
                 self._append_spool([write])
                 return
-            healthy = not self._queue and self.failing_since is None
             self._queue.append(write)
             self.stats["max_pending"] = max(self.stats["max_pending"], len(self._queue))
             self._cond.notify_all()
-            if healthy:
-                self._cond.wait_for(lambda: write.done or self.failing_since is not None or self.given_up,
-                                    timeout=SYNC_WAIT_S)
 
     def pending(self) -> int:
         """Writes not stored yet (the one being tried included)."""
@@ -245,7 +240,7 @@ class Outbox:
                                     self.uri, time.monotonic() - self.failing_since, len(self._queue))
                     if self._queue and self._queue[0] is head:
                         self._queue.popleft()
-                    head.done, self.failing_since, streak = True, None, 0
+                    self.failing_since, streak = None, 0
                     self._cond.notify_all()
                     continue
                 head.attempts += 1
