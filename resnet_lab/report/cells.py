@@ -27,6 +27,10 @@ CURVE_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc")
 TIME_KEYS = ("train_time_s", "epoch_time_s", "eval_time_s")
 FLOW_PREFIX = "gradflow/"
 NOSKIP = "-noskip"  # model_label's suffix for skip: false
+# Params that place a run on the depth axis or in a skip arm (read as the fields above), repeat another param for the
+# UI (`arch`, `lr`), or say which trial it was: not part of what a cell is besides its depth and skip arm.
+NOT_SETTING = frozenset({"arch", "cell", "stage", "seed", "model", "depth", "block", "skip", "lr", "model.depth",
+                         "model.skip"})
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ class CellSummary:
     reference: float | None
     best_run: TrialRun | None  # the chosen configuration's run with the best metric (for learning curves)
     flow: dict[str, Flow]  # phase -> gradient flow (init, epoch1, final)
+    # every param all the cell's runs share (searched values differ between runs and drop out), NOT_SETTING left out
+    setting: dict[str, str] = dataclasses.field(default_factory=dict)
     to_target: tuple[Estimate | None, Estimate | None, int] = (None, None, 0)  # epochs, seconds, runs never there
     configs: int = 1  # configurations of the stage the numbers come from (more than one: chosen among them)
 
@@ -206,6 +212,13 @@ def outcome_key(run: TrialRun) -> str:
 # --- one cell ----------------------------------------------------------------------------------------------------
 
 
+def shared_setting(runs: Sequence[TrialRun]) -> dict[str, str]:
+    """The params every run has with the same value, NOT_SETTING left out: what the cell fixed."""
+    first = runs[0].params if runs else {}
+    return {k: v for k, v in sorted(first.items())
+            if k not in NOT_SETTING and all(r.params.get(k) == v for r in runs[1:])}
+
+
 def choose_group(sweep: SweepRuns, runs: Sequence[TrialRun], metric: str, mode: str) -> list[TrialRun]:
     """The confirm stage's runs when there are any; else the search configuration with the best mean metric over
     its results (a diverged repeat counts as the worst value); else (no result at all) every run of the cell."""
@@ -268,7 +281,7 @@ def summarize_cell(sweep: SweepRuns, cell: str, runs: Sequence[TrialRun], metric
         test_finished=estimate(lambda v: v.test_acc, finished), train_acc=estimate(lambda v: v.train_acc),
         best_epoch=estimate(lambda v: v.best_epoch, finished),
         train_time_s=estimate(lambda v: v.train_time_s, finished), params=sizes[0] if sizes else None,
-        reference=reference.get(cell), best_run=best.run if best else None, flow=flows,
+        reference=reference.get(cell), best_run=best.run if best else None, flow=flows, setting=shared_setting(runs),
         configs=len({config_key(r) for r in runs if values and r.stage == group[0].stage}))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -214,9 +213,53 @@ def _band(x: float, est: Estimate) -> plots.Band:
     return plots.Band(x, est.mean, est.low, est.high)
 
 
-def _depth_free(family: str) -> str:
-    """`resnet-w0.25` from `resnet10-w0.25`: one line per family across depths."""
-    return re.sub(r"^([a-z_]*?)\d+", r"\1", family, count=1)
+# What sets a line of the depth figure apart, always: the model's own knobs and the data (as the spec set them).
+LINE_FIELDS = ("model.block", "model.width", "dataset.name")
+
+
+def _line_part(key: str, value: str) -> str:
+    """`w0.25`, `preact`, `svhn`, `recipefast`: one field in a line's legend label, as cell labels write it."""
+    value = value.lower() if value in ("True", "False") else value
+    if key == "model.width":
+        return f"w{value}"
+    return value if key in ("model.block", "dataset.name") else f"{key.split('.')[-1]}{value}"
+
+
+def _kinds(group: Sequence[CellSummary], fields: Sequence[str]) -> int:
+    """How many cells of `group` the values of `fields` tell apart."""
+    return len({tuple(c.setting.get(k) for k in fields) for c in group})
+
+
+def _separating_fields(cells: Sequence[CellSummary]) -> list[str]:
+    """Further fields that tell apart cells of one model and data at the same depth and skip arm (a grid over
+    something else, like the recipe): as few as do it, model and data fields first, then the recipe."""
+    groups: dict[tuple, list[CellSummary]] = {}
+    for c in cells:
+        groups.setdefault((c.model, c.depth, c.skip, *(c.setting.get(k) for k in LINE_FIELDS)), []).append(c)
+    clashes = [g for g in groups.values() if len(g) > 1]
+    rank = ("model.", "dataset.", "trainer.recipe", "trainer.")
+    candidates = sorted({k for g in clashes for c in g for k in c.setting} - set(LINE_FIELDS),
+                        key=lambda k: (next((i for i, p in enumerate(rank) if k.startswith(p)), len(rank)), k))
+    chosen: list[str] = []
+    for key in candidates:
+        if all(_kinds(g, chosen) == len(g) for g in clashes):
+            break
+        if any(_kinds(g, [*chosen, key]) > _kinds(g, chosen) for g in clashes):
+            chosen.append(key)
+    return chosen
+
+
+def depth_line_labels(cells: Sequence[CellSummary]) -> dict[str, str]:
+    """cell -> its line in the accuracy-vs-depth figure (`resnet-w0.25 skip`), from the cell's fields: cells that
+    differ only in depth share a line; skip on and off are apart."""
+    fields = [*LINE_FIELDS, *_separating_fields(cells)]
+    if len({c.setting.get("dataset.name") for c in cells}) == 1:
+        fields.remove("dataset.name")  # one dataset: the caption's business, not each line's (as in cell labels)
+    labels = {}
+    for c in cells:
+        parts = [_line_part(k, c.setting[k]) for k in fields if k in c.setting]
+        labels[c.cell] = f"{'-'.join([c.model, *parts])} {'skip' if c.skip else 'no skip'}"
+    return labels
 
 
 def figures(summary: Summary, out_dir: Path) -> list[Path]:
@@ -230,12 +273,13 @@ def figures(summary: Summary, out_dir: Path) -> list[Path]:
     lines: dict[str, list[plots.Band]] = {}
     levels: dict[str, plots.Band] = {}
     dashed = set()
+    line_of = depth_line_labels([c for c in cells if c.depth is not None and c.skip is not None])
     for c in cells:
         assert c.test is not None
         if c.depth is None or c.skip is None:
             levels[c.cell] = _band(0, c.test)
             continue
-        label = f"{_depth_free(c.family)} {'skip' if c.skip else 'no skip'}"
+        label = line_of[c.cell]
         lines.setdefault(label, []).append(_band(c.depth, c.test))
         if not c.skip:
             dashed.add(label)
