@@ -17,17 +17,17 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from ray.tune.experiment import Trial
 
 from resnet_lab import report
+from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.report.summary import summarize
 from resnet_lab.spec import TrialConfig
 from resnet_lab.spec.load import load_spec
+from resnet_lab.spec.sweep import AshaConfig, Cell
 from resnet_lab.tracking import (
     TAG_CELL,
-    TAG_CONFIG,
-    TAG_ERROR,
     TAG_OUTCOME,
-    TAG_RUNG,
     TAG_SEED,
     TAG_STAGE,
     TAG_STOPPED_BY,
@@ -35,7 +35,8 @@ from resnet_lab.tracking import (
 from resnet_lab.tracking import SweepTracker as Tracker
 from resnet_lab.tracking.query import load_sweep
 from resnet_lab.trainer import fit
-from resnet_lab.tune.callbacks import config_label, run_name, trial_params
+from resnet_lab.tune.callbacks import MlflowRuns
+from resnet_lab.tune.schedule import CellScheduler
 from resnet_lab.tune.trainable import TrialMeta
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,25 +268,32 @@ def trial(skip: bool | None, seed: int, model: str = "resnet", **trainer: Any) -
 
 def seed_run(tracker: Tracker, cfg: TrialConfig, cell: str, end: str, epochs: int | None = None,
              stage: str = "search") -> list[dict]:
-    """One child run as the sweep would leave it: `end` is completed, diverged, asha or failed."""
+    """One child run as the sweep leaves it: the sweep's own MLflow callback driven by a stub Tune trial that
+    reports `cfg`'s real epochs; `end` is completed, diverged, asha or failed."""
     config = {**TrialMeta(cell, stage, cfg.seed).as_config(), "trainer.lr": cfg.trainer.resolved().lr}  # Ray's
-    run_id = tracker.start_trial(uuid.uuid4().hex[:8], run_name(config), trial_params(cfg, TrialMeta.of(config)),
-                                 {TAG_CELL: cell, TAG_STAGE: stage, TAG_SEED: str(cfg.seed),
-                                  TAG_CONFIG: config_label(config)})
+    trial = Trial("train_trial", config=config, trial_id=uuid.uuid4().hex[:8], stub=True)
+    scheduler = CellScheduler(AshaConfig(type="asha"), cfg.trainer.epochs, "val/acc", "max")
+    callback = MlflowRuns(tracker.ref, {cell: Cell(0, cell, {}, {}, cfg)}, scheduler)
+    callback.setup()
+    callback.on_step_begin(0, [])
+    callback.on_trial_start(0, [trial], trial)
     history: list[dict] = []
     if epochs != 0:
-        fit(cfg, lambda epoch: history.append(dict(epoch.metrics)))
+        fit(cfg, lambda epoch: history.append({**epoch.metrics, **(
+            {OUTCOME_KEY: str(epoch.status)} if epoch.status is not None else {})}))  # as train_trial reports
         history = history[:epochs]
     for metrics in history:
-        tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if math.isfinite(v)}, int(metrics["epoch"]))
+        trial.update_last_result(metrics)  # as Tune does before it calls the callbacks
+        callback.on_trial_result(int(metrics["epoch"]), [trial], trial, dict(metrics))
     assert end != "diverged" or history[-1]["diverged"] == 1.0
-    tags, status = {TAG_OUTCOME: end}, {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED"}
-    if end == "asha":
-        tags = {TAG_OUTCOME: "stopped", TAG_STOPPED_BY: "asha", TAG_RUNG: str(len(history))}
-    elif end == "failed":
-        tags[TAG_ERROR] = "RuntimeError: worker died (seeded by the test)"
-    tracker.set_tags(run_id, tags)
-    tracker.end_run(run_id, status.get(end, "KILLED"))
+    if end == "failed":
+        trial.error_msg = "RuntimeError: worker died (seeded by the test)"
+        callback.on_trial_error(len(history), [trial], trial)
+    else:
+        if end == "asha":
+            scheduler.stopped_at[trial.trial_id] = len(history)  # what ASHA records when it stops a trial
+        assert (OUTCOME_KEY in history[-1]) == (end != "asha")
+        callback.on_trial_complete(len(history), [trial], trial)
     return history
 
 

@@ -11,13 +11,14 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 from ray.tune import Checkpoint
+from ray.tune.callback import CallbackList
 from ray.tune.experiment import Trial
 
 from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.spec.load import load_spec
 from resnet_lab.spec.sweep import Cell
 from resnet_lab.tracking import SweepTracker
-from resnet_lab.tune.callbacks import TrackingCallback
+from resnet_lab.tune.callbacks import sweep_callbacks
 from resnet_lab.tune.checkpoints import CheckpointPruner
 
 SPEC = """
@@ -50,53 +51,65 @@ def new_sweep(tmp_path: Path) -> tuple[str, SweepTracker, dict[str, Cell]]:
     return uri, tracker, {c.label: c for c in loaded.cells}
 
 
+def started(callbacks: list, trials: list[Trial]) -> CallbackList:
+    """The callbacks as Tune drives them: one list, set up, then its first step (`trials`: what Tune holds then,
+    none for a new sweep, the restored ones for a resumed sweep)."""
+    driven = CallbackList(callbacks)
+    driven.setup()
+    driven.on_step_begin(iteration=0, trials=trials)
+    return driven
+
+
 def test_resume_from_a_snapshot_older_than_mlflow_records_each_epoch_once(tmp_path: Path) -> None:
     uri, tracker, cells = new_sweep(tmp_path)
     (cell,) = cells
     trial = Trial("train_trial", config={"cell": cell, "stage": "search", "seed": 0, "trainer.lr": 0.001},
                   trial_id="t0001", stub=True)
 
-    first = TrackingCallback(tracker, cells, None)
-    pickled = pickle.dumps(first)  # Tune pickles the callbacks with the run config at the start
-    first.on_trial_start(0, [trial], trial)
-    first.on_trial_result(1, [trial], trial, result(1, 0.50))
-    snapshot = first.get_state()  # Tune's last experiment snapshot: taken after epoch 1 ...
-    snapshot = pickle.loads(pickle.dumps(snapshot))
-    first.on_trial_result(2, [trial], trial, result(2, 0.60))  # ... but MLflow also got epoch 2
+    callbacks = sweep_callbacks(tracker.ref, cells, None, None)
+    pickled = pickle.dumps(callbacks)  # Tune pickles the callbacks with the run config at the start
+    first = started(callbacks, [])
+    runs = callbacks[1]
+    first.on_trial_start(iteration=0, trials=[trial], trial=trial)
+    first.on_trial_result(iteration=1, trials=[trial], trial=trial, result=result(1, 0.50))
+    # Tune's last experiment snapshot is taken here: it holds `trial` (after epoch 1) and `late` (pending) ...
+    first.on_trial_result(iteration=2, trials=[trial], trial=trial, result=result(2, 0.60))  # ... MLflow has more
     late = Trial("train_trial", config={"cell": cell, "stage": "search", "seed": 1, "trainer.lr": 0.002},
                  trial_id="t0002", stub=True)
-    first.on_trial_start(0, [trial, late], late)  # pending at the snapshot, started after it
-    first.on_trial_result(1, [trial, late], late, result(1, 0.40))
+    first.on_trial_start(iteration=0, trials=[trial, late], trial=late)  # pending at the snapshot, started after it
+    first.on_trial_result(iteration=1, trials=[trial, late], trial=late, result=result(1, 0.40))
     ghost = Trial("train_trial", config={"cell": cell, "stage": "search", "seed": 2, "trainer.lr": 0.003},
                   trial_id="t0003", stub=True)
-    first.on_trial_start(0, [trial, late, ghost], ghost)  # created after the snapshot: Tune will not know it
-    ghost_run = first.runs[ghost.trial_id]
+    first.on_trial_start(iteration=0, trials=[trial, late, ghost], trial=ghost)  # created after the snapshot
+    assert tracker.flush()
+    first_ids = {t: tracker.resolve(h) for t, h in runs.runs.items()}
     # SIGKILL here.
 
-    # --resume: a new driver unpickles the callback, restores the old snapshot, and the trial re-runs epoch 2
-    # from its epoch-1 checkpoint, then goes on.
-    second = pickle.loads(pickled)
-    second.set_state(snapshot)
-    second.on_step_begin(0, [trial, late])  # the trials Tune restored
-    second.on_trial_start(0, [trial], trial)
+    # --resume: a new driver unpickles the callbacks as they were pickled at the start, Tune restores the trials of
+    # its old snapshot, and the trial re-runs epoch 2 from its epoch-1 checkpoint, then goes on.
+    resumed = pickle.loads(pickled)
+    second = started(resumed, [trial, late])
+    second.on_trial_start(iteration=0, trials=[trial], trial=trial)
     for epoch, acc in [(2, 0.61), (3, 0.70), (4, 0.75)]:
-        second.on_trial_result(epoch, [trial], trial, result(epoch, acc))
-    second.on_trial_start(0, [trial, late], late)
-    second.on_trial_result(1, [trial, late], late, result(1, 0.41))
-    second.on_trial_result(2, [trial, late], late, result(2, 0.45))
-    assert second.runs[late.trial_id] == first.runs[late.trial_id]  # found in MLflow and re-attached
+        second.on_trial_result(iteration=epoch, trials=[trial], trial=trial, result=result(epoch, acc))
+    second.on_trial_start(iteration=0, trials=[trial, late], trial=late)
+    second.on_trial_result(iteration=1, trials=[trial, late], trial=late, result=result(1, 0.41))
+    second.on_trial_result(iteration=2, trials=[trial, late], trial=late, result=result(2, 0.45))
+    assert tracker.flush()  # writes are queued (write-behind): a reader beside the driver waits for them
+    second_ids = {t: tracker.resolve(h) for t, h in resumed[1].runs.items()}
+    assert second_ids == {t: first_ids[t] for t in ("t0001", "t0002")}  # found in MLflow and re-attached
 
     client = MlflowClient(uri)
-    run_id = second.runs[trial.trial_id]
-    assert run_id == first.runs[trial.trial_id]  # re-attached, not a second run
+    run_id = second_ids[trial.trial_id]
     history = client.get_metric_history(run_id, "val/acc")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     assert {m.step: m.value for m in history} == {1: 0.50, 2: 0.60, 3: 0.70, 4: 0.75}  # the first record stands
-    assert sorted(m.step for m in client.get_metric_history(second.runs[late.trial_id], "val/acc")) == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(second_ids[late.trial_id], "val/acc")) == [1, 2]
     assert len(client.search_runs([tracker.experiment_id], "tags.resnet_lab.role = 'trial'")) == 2
-    discarded = client.get_run(ghost_run)  # soft-deleted: out of searches and the UI, restorable, reason kept
+    discarded = client.get_run(first_ids[ghost.trial_id])  # soft-deleted: out of searches, restorable, reason kept
     assert discarded.info.lifecycle_stage == "deleted" and discarded.info.status == "KILLED"
     assert "last state snapshot" in discarded.data.tags["resnet_lab.discarded"]
+    assert client.get_run(run_id).info.status == "RUNNING"  # re-opened for the epochs it trains now
     logged = client.get_run(run_id).data.metrics
     assert "time_total_s" not in logged and "pid" not in logged and "config/lr" not in logged
 
@@ -104,24 +117,27 @@ def test_resume_from_a_snapshot_older_than_mlflow_records_each_epoch_once(tmp_pa
 def test_a_trial_without_history_in_mlflow_logs_every_epoch(tmp_path: Path) -> None:
     uri, tracker, cells = new_sweep(tmp_path)
     (cell,) = cells
-    callback = TrackingCallback(tracker, cells, None)
+    callbacks = sweep_callbacks(tracker.ref, cells, None, None)
     trials = [Trial("train_trial", config={"cell": cell, "stage": "search", "seed": s, "trainer.lr": 0.001},
                     trial_id=f"t{s}", stub=True) for s in range(2)]
+    driven = started(callbacks, [])
     for epoch in (1, 2, 3):
         for trial in trials:
-            callback.on_trial_result(epoch, trials, trial, result(epoch, 0.1 * epoch))
+            driven.on_trial_result(iteration=epoch, trials=trials, trial=trial, result=result(epoch, 0.1 * epoch))
+    assert tracker.flush()
     client = MlflowClient(uri)
     for trial in trials:
-        steps = [m.step for m in client.get_metric_history(callback.runs[trial.trial_id], "train/loss")]
-        assert sorted(steps) == [1, 2, 3]
+        run_id = tracker.resolve(callbacks[1].runs[trial.trial_id])
+        assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [1, 2, 3]
 
 
 def test_each_run_is_tagged_with_the_outcome_its_trainer_reported(tmp_path: Path) -> None:
     uri, tracker, cells = new_sweep(tmp_path)
     (cell,) = cells
-    callback = TrackingCallback(tracker, cells, None)
+    callbacks = sweep_callbacks(tracker.ref, cells, None, (3, "val/acc", "max"))
     trials = [Trial("train_trial", config={"cell": cell, "stage": "search", "seed": s, "trainer.lr": 0.001},
                     trial_id=f"t{s}", stub=True) for s in range(3)]
+    driven = started(callbacks, [])
     # t0 trains out, t1 diverges at epoch 2, t2 is stopped from outside (no outcome in its last result).
     ends = {"t0": (4, {"test/acc": 0.3, "diverged": 0.0, OUTCOME_KEY: "completed"}),
             "t1": (2, {"test/acc": 0.1, "diverged": 1.0, OUTCOME_KEY: "diverged"}), "t2": (3, {})}
@@ -130,16 +146,30 @@ def test_each_run_is_tagged_with_the_outcome_its_trainer_reported(tmp_path: Path
         for epoch in range(1, last + 1):
             reported = {**result(epoch, 0.1 * epoch), **(final if epoch == last else {})}
             trial.update_last_result(reported)  # as Tune does before it calls the callbacks
-            callback.on_trial_result(epoch, trials, trial, reported)
-        callback.on_trial_complete(last, trials, trial)
+            driven.on_trial_result(iteration=epoch, trials=trials, trial=trial, result=reported)
+        driven.on_trial_complete(iteration=last, trials=trials, trial=trial)
+    driven.on_experiment_end(trials=trials)
     assert tracker.flush()
     client = MlflowClient(uri)
-    runs = {t.trial_id: client.get_run(callback.runs[t.trial_id]) for t in trials}
+    runs = {t.trial_id: client.get_run(tracker.resolve(callbacks[1].runs[t.trial_id])) for t in trials}
     assert {t: (r.info.status, r.data.tags["resnet_lab.outcome"]) for t, r in runs.items()} == {
         "t0": ("FINISHED", "completed"), "t1": ("FINISHED", "diverged"), "t2": ("KILLED", "stopped")}
     assert runs["t2"].data.tags["stopped_by"] == "tune"
-    assert callback.outcomes == {"t0": "completed", "t1": "diverged", "t2": "stopped"}
+    view = callbacks[2].view  # the live view counts the same outcomes
+    assert view.outcomes == {"completed": 1, "diverged": 1, "stopped": 1} and view.done == 3
     assert list(client.list_artifacts(runs["t0"].info.run_id)) == []  # no per-trial figures: MLflow charts the metrics
+
+
+def test_a_resumed_sweeps_live_view_starts_at_the_trials_that_had_ended(tmp_path: Path) -> None:
+    _, tracker, cells = new_sweep(tmp_path)
+    (cell,) = cells
+    trials = [Trial("train_trial", config={"cell": cell, "stage": "search", "seed": s, "trainer.lr": 0.001},
+                    trial_id=f"t{s}", stub=True) for s in range(3)]
+    trials[0].set_status(Trial.TERMINATED)
+    trials[1].set_status(Trial.ERROR)  # t2 is still PENDING
+    callbacks = pickle.loads(pickle.dumps(sweep_callbacks(tracker.ref, cells, None, (5, "val/acc", "max"))))
+    started(callbacks, trials)
+    assert callbacks[2].view.done == 2 and callbacks[2].view.total == 5
 
 
 def test_checkpoint_pruner_deletes_only_what_a_snapshot_taken_long_enough_ago_has_moved_past(tmp_path: Path) -> None:

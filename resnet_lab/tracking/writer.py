@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,19 +92,42 @@ def _params(params: Mapping[str, Any]) -> list[Param]:
     return [Param(k, str(v)) for k, v in sorted(params.items())]
 
 
+@dataclass(frozen=True)
+class SweepRef:
+    """What names a started sweep's runs: plain, picklable data (Tune pickles the callbacks that hold it)."""
+
+    uri: str
+    experiment_name: str
+    experiment_id: str
+    parent_id: str
+
+
 class SweepTracker:
     """Creates and updates the runs of one sweep in one experiment."""
 
-    def __init__(self, tracking_uri: str, experiment: str) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, experiment_id: str | None = None) -> None:
         quiet_mlflow()
         quick_http_retries()
         give_up_s()  # a bad $RESNET_LAB_TRACKING_GIVE_UP_S fails here, in the preflight, not mid-sweep
         self.uri, self.experiment_name = tracking_uri, experiment
         self.client = MlflowClient(tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        if experiment_id is None:
+            found = self.client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = experiment_id
         self.parent_id: str | None = None
-        self.reopened = False  # the parent run was re-opened (--resume): trial runs may exist already
+
+    @classmethod
+    def attach(cls, ref: SweepRef) -> SweepTracker:
+        """A tracker of a started sweep; it shares the sweep's outbox with every other tracker of it here."""
+        tracker = cls(ref.uri, ref.experiment_name, ref.experiment_id)
+        tracker.parent_id = ref.parent_id
+        return tracker
+
+    @property
+    def ref(self) -> SweepRef:
+        assert self.parent_id is not None, "start_sweep first"
+        return SweepRef(self.uri, self.experiment_name, self.experiment_id, self.parent_id)
 
     @property
     def outbox(self) -> Outbox:
@@ -138,7 +162,7 @@ class SweepTracker:
                     artifacts: Mapping[str, str], parent_id: str | None = None) -> str:
         """Create the sweep's parent run (or re-open `parent_id` when resuming); returns its id."""
         if parent_id is not None:
-            self.parent_id, self.reopened = parent_id, True
+            self.parent_id = parent_id
             retrying(lambda: self.client.update_run(parent_id, status="RUNNING"), "re-opening the sweep run", self.uri)
             box = outbox_for(self.client, self.uri, self.experiment_id, parent_id, fresh=True)
             replayed = box.replay_spool()  # writes an earlier driver could not store (it gave up on the store)
@@ -156,15 +180,16 @@ class SweepTracker:
         return self.parent_id
 
     def start_trial(self, trial_id: str, run_name: str, params: Mapping[str, Any],
-                    tags: Mapping[str, str]) -> str:
-        """The child run of a trial: re-attached if one exists for this trial id under the parent, else created.
+                    tags: Mapping[str, str], reuse: bool = False) -> str:
+        """The child run of a trial: created, or with `reuse` (a trial an earlier driver may have started: a
+        resumed sweep's) re-attached when one exists for this trial id under the parent.
 
-        Returns the run id; while the store is away the run is created later, in order, and until then the trial's
-        writes name it `trial:<trial id>` (which every method here accepts, in this process or after a resume).
+        Returns a handle for the run: its id once the run exists, else `trial:<trial id>` (the run is created when
+        the outbox reaches this write); every method here accepts either, in this process or after a resume.
         """
         assert self.parent_id is not None, "start_sweep first"
         handle = f"{PENDING_PREFIX}{trial_id}"
-        self._put("create_trial", handle, run_name=run_name, reuse=self.reopened,  # a resumed run may exist
+        self._put("create_trial", handle, run_name=run_name, reuse=reuse,
                   params=[(p.key, p.value) for p in _params(params)],
                   tags={TAG_ROLE: "trial", TAG_TRIAL_ID: trial_id, **{k: str(v) for k, v in tags.items()}})
         return self.outbox.run_ids.get(handle, handle)
@@ -189,7 +214,7 @@ class SweepTracker:
 
     def last_step(self, run_id: str) -> int:
         """The highest epoch already recorded on a run (0 for none): MLflow's latest value of `epoch`."""
-        return int(self._read(lambda: self.client.get_run(self._resolve(run_id)).data.metrics.get("epoch", 0),
+        return int(self._read(lambda: self.client.get_run(self.resolve(run_id)).data.metrics.get("epoch", 0),
                               "reading a run's last epoch"))
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
@@ -228,7 +253,10 @@ class SweepTracker:
             self.end_run(run.info.run_id, status)
         return [r.info.run_id for r in running]
 
-    def _resolve(self, run_id: str) -> str:
+    def resolve(self, run_id: str) -> str:
+        """The MLflow run id of a handle `start_trial` returned (after the writes before it are stored)."""
+        if self.parent_id is not None and run_id.startswith(PENDING_PREFIX):
+            self._read(lambda: None, "creating a trial's run")
         resolved = self.outbox.resolve(run_id) if self.parent_id is not None else run_id
         if resolved is None:
             raise ValueError(f"{run_id} has no MLflow run under sweep run {self.parent_id}")

@@ -29,6 +29,7 @@ from resnet_lab.tracking import (
     TAG_STAGE,
     TAG_STOPPED_BY,
     TAG_TRIAL_ID,
+    SweepRef,
     SweepTracker,
 )
 from resnet_lab.tune.schedule import CellScheduler
@@ -72,100 +73,75 @@ def trial_params(cfg: TrialConfig, meta: TrialMeta) -> dict[str, Any]:
             "cell": meta.cell, "stage": meta.stage, **flat}
 
 
-class TrackingCallback(Callback):
-    """One MLflow child run per trial, metrics per epoch, final status and artifacts from the driver."""
+def ended(trial: Trial, scheduler: CellScheduler | None) -> tuple[Outcome, str, dict[str, str]]:
+    """How a trial that Tune completed ended: (outcome, MLflow run status, extra tags).
 
-    def __init__(self, tracker: SweepTracker, cells: dict[str, Cell], scheduler: CellScheduler | None,
-                 view_args: tuple[int, str, str] | None = None) -> None:
-        self.tracker, self.cells, self.scheduler = tracker, cells, scheduler
-        self.view_args = view_args  # (total trials, metric, mode) of the live view, or None for no view
-        self.view = LiveView(*view_args) if view_args else None
-        self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
-        self.outcomes: dict[str, str] = {}  # Tune trial id -> outcome, for the final summary
+    The trainer's outcome is on its last report; without one the trial was stopped from outside: by ASHA (the
+    scheduler kept the rung) or by Tune (time budget, the user), which is not a failure of the trial."""
+    reported = (trial.last_result or {}).get(OUTCOME_KEY)
+    if reported is not None:
+        return Outcome(reported), "FINISHED", {}
+    rung = scheduler.stopped_at.get(trial.trial_id) if scheduler else None
+    if rung is not None:
+        return Outcome.STOPPED, "KILLED", {TAG_STOPPED_BY: "asha", TAG_RUNG: str(rung)}
+    return Outcome.STOPPED, "KILLED", {TAG_STOPPED_BY: "tune"}
+
+
+# The callbacks below hold plain data only until Tune calls `setup()`, where they build their MLflow client and
+# display: Tune pickles them with the run config when a sweep starts and unpickles them on `--resume`, so a fresh
+# and a resumed sweep build them the same way. What a resumed driver must know comes from Tune at the first step:
+# the trials it restored.
+
+
+class MlflowRuns(Callback):
+    """One MLflow child run per trial: params and tags when it starts, metrics per epoch, errors and retries,
+    how it ended."""
+
+    def __init__(self, sweep: SweepRef, cells: dict[str, Cell], scheduler: CellScheduler | None) -> None:
+        self.sweep, self.cells, self.scheduler = sweep, cells, scheduler
+        self.tracker: SweepTracker | None = None  # built in setup()
+        self.runs: dict[str, str] = {}  # Tune trial id -> its run (an id, or a handle until the run exists)
         self.logged: dict[str, int] = {}  # Tune trial id -> last epoch in MLflow (this process's knowledge)
+        self.restored: frozenset[str] | None = None  # trials Tune held at its first step: an earlier driver's
         self._resumed: dict[str, Any] = {}  # Tune trial id -> the checkpoint epoch its process resumed from
-        self._restored = False  # set when Tune restores the experiment: orphan runs are looked for once
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its run config (callbacks included) into the experiment dir; MLflow clients and the rich
-        # live display hold locks. Keep what identifies the sweep; tracker and view are rebuilt on unpickling.
-        state = dict(self.__dict__)
-        tracker = state.pop("tracker")
-        state.pop("view")
-        state["logged"] = {}  # what MLflow holds is re-read from MLflow, never from a pickle
-        state["_tracker_args"] = (tracker.uri, tracker.experiment_name, tracker.parent_id)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        uri, experiment, parent_id = state.pop("_tracker_args")
-        self.__dict__.update(state)
-        self.tracker = SweepTracker(uri, experiment)
-        # Tune unpickles callbacks only to restore an experiment: the sweep's runs may exist already.
-        self.tracker.parent_id, self.tracker.reopened = parent_id, True
-        self.view = LiveView(*self.view_args) if self.view_args else None
-
-    # Tune checkpoints callback state with the experiment (driver restarts, --resume).
-    def get_state(self) -> dict[str, Any]:
-        return {"runs": self.runs, "outcomes": self.outcomes}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.runs, self.outcomes = state["runs"], state["outcomes"]
-        self.logged = {}  # the snapshot may be older than MLflow's record: ask MLflow again
-        self._restored = True
-        if self.view is not None:
-            self.view.resumed(len(self.outcomes))
+    def setup(self, **info: Any) -> None:
+        self.tracker = SweepTracker.attach(self.sweep)
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
-        """After a restore, before any new trial: discard runs of trials the restored state does not hold.
-
-        A trial created after Tune's last snapshot and cut off by a hard kill (SIGKILL, power loss) has an MLflow
-        run, but the restored sweep never heard of it: its searcher proposes a trial in its place (the same
-        configuration during TPE's random start-up). The old run would be an extra child run of the sweep, so it is
-        soft-deleted (restorable), with the reason as a tag.
-        """
-        if not self._restored:
-            return
-        self._restored = False
-        known = {t.trial_id for t in trials}
-        for run in self.tracker.children():
-            trial_id = run.data.tags.get(TAG_TRIAL_ID)
-            if trial_id and trial_id not in known:
-                self.tracker.discard(run.info.run_id, f"trial {trial_id} started after the sweep's last state "
-                                                      "snapshot and was lost with the driver; the resumed sweep "
-                                                      "ran another trial in its place")
-                self.runs = {k: v for k, v in self.runs.items() if v != run.info.run_id}
-                log.info("discarded run %s of trial %s, unknown to the restored sweep", run.info.run_id, trial_id)
-
-    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        if self.view is not None:
-            self.view.close()
-
-    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        """The trial's process failed and Tune retries it from its last checkpoint."""
-        run_id = self._run_id(trial)
-        self.tracker.set_tags(run_id, {TAG_RETRIES: str(trial.num_failures)})
-        self.tracker.log_text(run_id, _error_text(trial), f"error-attempt{trial.num_failures}.txt")
+        if self.restored is None:  # a new sweep has no trials yet at its first step; a resumed one has its own
+            self.restored = frozenset(t.trial_id for t in trials)
 
     def _run_id(self, trial: Trial) -> str:
+        assert self.tracker is not None, "Tune calls setup() first"
         if trial.trial_id not in self.runs:
             config = trial.config
             meta = TrialMeta.of(config)
             cfg = trial_config(self.cells[meta.cell].base, config)
             tags = {TAG_CELL: meta.cell, TAG_STAGE: meta.stage, TAG_SEED: str(meta.seed),
                     TAG_CONFIG: config_label(config)}
+            reuse = trial.trial_id in (self.restored or ())  # an earlier driver may have created its run
             self.runs[trial.trial_id] = self.tracker.start_trial(trial.trial_id, run_name(config),
-                                                                 trial_params(cfg, meta), tags)
-            if not self.tracker.reopened:
-                self.logged[trial.trial_id] = 0  # a new run of a new sweep: nothing recorded yet, no need to ask
+                                                                 trial_params(cfg, meta), tags, reuse=reuse)
+            if not reuse:
+                self.logged[trial.trial_id] = 0  # a new run: nothing recorded yet, no need to ask
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._run_id(trial)
 
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        """The trial's process failed and Tune retries it from its last checkpoint."""
+        run_id = self._run_id(trial)
+        assert self.tracker is not None
+        self.tracker.set_tags(run_id, {TAG_RETRIES: str(trial.num_failures)})
+        self.tracker.log_text(run_id, _error_text(trial), f"error-attempt{trial.num_failures}.txt")
+
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         metrics = our_metrics(result)
         step = int(metrics.get("epoch", result.get("training_iteration", 0)))
         run_id = self._run_id(trial)
+        assert self.tracker is not None
         files = result.pop(ARTIFACTS_KEY, None)  # popped: Tune's snapshots and result.json do not keep the bytes
         if files:
             self._log_files(run_id, files)
@@ -185,32 +161,22 @@ class TrackingCallback(Callback):
         if resumed is not None and self._resumed.get(trial.trial_id) != resumed:  # a retry or --resume: say where from
             self._resumed[trial.trial_id] = resumed
             self.tracker.set_tags(run_id, {TAG_RESUMED_FROM: str(int(resumed))})
-        if self.view is not None:
-            self.view.trial_update(trial.trial_id, run_name(trial.config), TrialMeta.of(trial.config).cell, metrics)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        ended = (trial.last_result or {}).get(OUTCOME_KEY)  # the trainer's word, on its last report
-        tags: dict[str, str] = {}
-        stopped_at = self.scheduler.stopped_at.get(trial.trial_id) if self.scheduler else None
-        if ended is not None:
-            outcome, status = Outcome(ended), "FINISHED"
-        elif stopped_at is not None:
-            outcome, status = Outcome.STOPPED, "KILLED"
-            tags = {TAG_STOPPED_BY: "asha", TAG_RUNG: str(stopped_at)}
-        else:
-            outcome, status = Outcome.STOPPED, "KILLED"  # time budget or the user; not a failure of the trial
-            tags = {TAG_STOPPED_BY: "tune"}
+        outcome, status, tags = ended(trial, self.scheduler)
         self._finish(trial, outcome, status, tags)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         error = _error_text(trial)
         run_id = self._run_id(trial)
+        assert self.tracker is not None
         self.tracker.log_text(run_id, error, "error.txt")
         last_line = error.strip().splitlines()[-1][:4000] if error else ""
         self._finish(trial, Outcome.FAILED, "FAILED", {TAG_ERROR: last_line})
 
     def _log_files(self, run_id: str, files: dict[str, str]) -> None:
         """Files a trial sent base64-encoded in its result (analysis figures) as artifacts of its run."""
+        assert self.tracker is not None
         with tempfile.TemporaryDirectory() as directory:
             paths = [Path(directory) / Path(name).name for name in files]
             for path, data in zip(paths, files.values(), strict=True):
@@ -219,12 +185,90 @@ class TrackingCallback(Callback):
 
     def _finish(self, trial: Trial, outcome: Outcome, status: str, tags: dict[str, str]) -> None:
         run_id = self._run_id(trial)
+        assert self.tracker is not None
         self.tracker.set_tags(run_id, {TAG_OUTCOME: str(outcome), **tags})
         self.tracker.end_run(run_id, status)
-        self.outcomes[trial.trial_id] = str(outcome)
+
+
+class OrphanRuns(Callback):
+    """At the first step: soft-delete the sweep's child runs whose trial Tune does not hold.
+
+    A trial created after Tune's last snapshot and cut off by a hard kill (SIGKILL, power loss) has an MLflow run,
+    but the restored sweep never heard of it: its searcher proposes a trial in its place (the same configuration
+    during TPE's random start-up). The old run would be an extra child run of the sweep, so it is soft-deleted
+    (restorable), with the reason as a tag. A new sweep has no child runs at its first step: one empty query.
+    """
+
+    def __init__(self, sweep: SweepRef) -> None:
+        self.sweep = sweep
+        self.tracker: SweepTracker | None = None  # built in setup()
+        self.checked = False
+
+    def setup(self, **info: Any) -> None:
+        self.tracker = SweepTracker.attach(self.sweep)
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if self.checked:
+            return
+        self.checked = True
+        assert self.tracker is not None, "Tune calls setup() first"
+        known = {t.trial_id for t in trials}
+        for run in self.tracker.children():
+            trial_id = run.data.tags.get(TAG_TRIAL_ID)
+            if trial_id and trial_id not in known:
+                self.tracker.discard(run.info.run_id, f"trial {trial_id} started after the sweep's last state "
+                                                      "snapshot and was lost with the driver; the resumed sweep "
+                                                      "ran another trial in its place")
+                log.info("discarded run %s of trial %s, unknown to the restored sweep", run.info.run_id, trial_id)
+
+
+class LiveProgress(Callback):
+    """The console's live view of the sweep (console.LiveView)."""
+
+    def __init__(self, total: int, metric: str, mode: str, scheduler: CellScheduler | None) -> None:
+        self.total, self.metric, self.mode, self.scheduler = total, metric, mode, scheduler
+        self.view: LiveView | None = None  # built in setup()
+        self.started = False
+
+    def setup(self, **info: Any) -> None:
+        self.view = LiveView(self.total, self.metric, self.mode)
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if not self.started and self.view is not None:  # a resumed sweep: count the trials that had ended
+            self.started = True
+            done = sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
+            if done:
+                self.view.resumed(done)
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         if self.view is not None:
-            detail = f"(ASHA at epoch {tags[TAG_RUNG]})" if TAG_RUNG in tags else ""
+            self.view.trial_update(trial.trial_id, run_name(trial.config), TrialMeta.of(trial.config).cell,
+                                   our_metrics(result))
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        outcome, _, tags = ended(trial, self.scheduler)
+        self._done(trial, outcome, f"(ASHA at epoch {tags[TAG_RUNG]})" if TAG_RUNG in tags else "")
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._done(trial, Outcome.FAILED, "")
+
+    def _done(self, trial: Trial, outcome: Outcome, detail: str) -> None:
+        if self.view is not None:
             self.view.trial_done(trial.trial_id, run_name(trial.config), outcome, detail)
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        if self.view is not None:
+            self.view.close()
+
+
+def sweep_callbacks(sweep: SweepRef, cells: dict[str, Cell], scheduler: CellScheduler | None,
+                    view: tuple[int, str, str] | None) -> list[Callback]:
+    """The sweep's callbacks, in the order Tune calls them: orphans go before any run is created or re-attached.
+    `view`: (total trials, metric, mode) of the live view, or None for none."""
+    callbacks: list[Callback] = [OrphanRuns(sweep), MlflowRuns(sweep, cells, scheduler)]
+    if view is not None:
+        callbacks.append(LiveProgress(*view, scheduler))
+    return callbacks
 
 
 def _error_text(trial: Trial) -> str:

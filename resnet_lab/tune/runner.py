@@ -26,7 +26,7 @@ from resnet_lab.provenance import provenance
 from resnet_lab.spec.load import LoadedSpec
 from resnet_lab.spec.sweep import AshaConfig
 from resnet_lab.tracking import TAG_OUTCOME, TAG_SPEC_HASH, SweepTracker, TrackingUnavailable
-from resnet_lab.tune.callbacks import TrackingCallback
+from resnet_lab.tune.callbacks import sweep_callbacks
 from resnet_lab.tune.capacity import Capacity, concurrency_limit, describe, read_capacity, resource_problems
 from resnet_lab.tune.checkpoints import CheckpointPruner
 from resnet_lab.tune.ddp import DRIVER_RESOURCES, train_trial_ddp
@@ -252,8 +252,9 @@ def run_sweep(loaded: LoadedSpec, options: RunOptions) -> SweepOutcome:
             params={"cells": len(cells), "trials": total, "metric": spec.metric, "mode": spec.resolved_mode,
                     "storage": storage, **provenance()},
             artifacts={"spec.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)})
-        view_args = (total, spec.metric, spec.resolved_mode)
-        callback = TrackingCallback(tracker, {c.label: c for c in cells}, scheduler, view_args)
+        # Tune pickles the run config (these callbacks with it) here and restores it on --resume.
+        callbacks = sweep_callbacks(tracker.ref, {c.label: c for c in cells}, scheduler,
+                                    (total, spec.metric, spec.resolved_mode))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -265,7 +266,7 @@ def run_sweep(loaded: LoadedSpec, options: RunOptions) -> SweepOutcome:
                 trial_name_creator=lambda trial: f"{TrialMeta.of(trial.config).cell}-{trial.trial_id}"),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, verbose=0,
-                callbacks=[callback, CheckpointPruner(), JsonLoggerCallback(), CSVLoggerCallback()],
+                callbacks=[*callbacks, CheckpointPruner(), JsonLoggerCallback(), CSVLoggerCallback()],
                 # Tune keeps every checkpoint; CheckpointPruner deletes them once no saved state points at them.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
