@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from resnet_lab import console
+from resnet_lab.spec.cells import Cell, configs_in, startup_configs, trials_in
+from resnet_lab.spec.errors import SpecError
 from resnet_lab.spec.load import LoadedSpec, load_spec
-from resnet_lab.spec.loader import SpecError
-from resnet_lab.spec.sweep import AshaConfig, Cell, asha_rungs, configs_in, startup_configs, trials_in
+from resnet_lab.spec.sweep import AshaConfig, asha_rungs
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

@@ -16,9 +16,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from resnet_lab.spec.cells import Cell, trials_in
 from resnet_lab.spec.datasets import FILE_DATASETS
 from resnet_lab.spec.load import LoadedSpec
-from resnet_lab.spec.sweep import AshaConfig, Cell, SweepSpec, asha_rungs, trials_in
+from resnet_lab.spec.sweep import AshaConfig, SweepSpec, asha_rungs
 
 WARMUP_STEPS = 3
 TIMED_STEPS = 5

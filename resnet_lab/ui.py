@@ -105,7 +105,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def resolve(args: argparse.Namespace) -> tuple[str, tuple[str, str] | None] | str:
     """(tracking URI, (experiment id, name) or None), or an error message."""
     from resnet_lab.report import resolve_target
-    from resnet_lab.spec.loader import SpecError
+    from resnet_lab.spec.errors import SpecError
     from resnet_lab.tracking import resolve_tracking_uri
     from resnet_lab.tracking.query import SweepNotFound, experiment_id
 

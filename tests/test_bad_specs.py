@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from resnet_lab.spec.errors import SpecError
 from resnet_lab.spec.load import load_spec
-from resnet_lab.spec.loader import MAX_SPEC_BYTES, SpecError
+from resnet_lab.spec.loader import MAX_SPEC_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = ROOT / "tests" / "specs" / "bad"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from resnet_lab.models import build_model, count_params
+from resnet_lab.spec.errors import SpecError
 from resnet_lab.spec.load import load_spec
-from resnet_lab.spec.loader import SpecError
 
 
 def spec_file(tmp_path: Path, text: str) -> str:

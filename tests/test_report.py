@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,8 +24,9 @@ from resnet_lab import report
 from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.report.summary import summarize
 from resnet_lab.spec import TrialConfig
+from resnet_lab.spec.cells import Cell
 from resnet_lab.spec.load import load_spec
-from resnet_lab.spec.sweep import AshaConfig, Cell
+from resnet_lab.spec.sweep import AshaConfig
 from resnet_lab.tracking import (
     TAG_CELL,
     TAG_OUTCOME,
@@ -267,13 +269,15 @@ def trial(skip: bool | None, seed: int, model: str = "resnet", **trainer: Any) -
 
 
 def seed_run(tracker: Tracker, cfg: TrialConfig, cell: str, end: str, epochs: int | None = None,
-             stage: str = "search") -> list[dict]:
+             stage: str = "search", grid: dict[str, Any] | None = None) -> list[dict]:
     """One child run as the sweep leaves it: the sweep's own MLflow callback driven by a stub Tune trial that
-    reports `cfg`'s real epochs; `end` is completed, diverged, asha or failed."""
+    reports `cfg`'s real epochs; `end` is completed, diverged, asha or failed. `grid`: the cell's grid values
+    (default: the model and its skip arm, the factors these cells differ in)."""
+    grid = grid if grid is not None else {"model.name": cfg.model.name, "model.skip": cfg.model.skip}
     config = {**TrialMeta(cell, stage, cfg.seed).as_config(), "trainer.lr": cfg.trainer.resolved().lr}  # Ray's
     trial = Trial("train_trial", config=config, trial_id=uuid.uuid4().hex[:8], stub=True)
     scheduler = CellScheduler(AshaConfig(type="asha"), cfg.trainer.epochs, "val/acc", "max")
-    callback = MlflowRuns(tracker.ref, {cell: Cell(0, cell, {}, {}, cfg)}, scheduler)
+    callback = MlflowRuns(tracker.ref, {cell: Cell(0, cell, grid, {}, cfg)}, scheduler)
     callback.setup()
     callback.on_step_begin(0, [])
     callback.on_trial_start(0, [trial], trial)
@@ -316,11 +320,14 @@ def odd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     off = seed_run(tracker, trial(False, 0, lr=1e-2), SKIP_OFF, "completed")
     seed_run(tracker, trial(False, 1, lr=1e-2), SKIP_OFF, "failed", epochs=1)
     seed_run(tracker, trial(None, 0, model="baseline_cnn", lr=1e-3), "baseline_cnn-w0.25", "failed", epochs=0)
-    # A confirm stage with a forced divergence in one of three seeds, and a cell whose every seed diverged.
-    hist["mixed"] = [seed_run(tracker, trial(False, seed, lr=1e-2), MIXED, "completed", stage="confirm")
+    # A confirm stage with a forced divergence in one of three seeds, and a cell whose every seed diverged; each its
+    # own cell of the grid (a stand-in factor sets them apart from SKIP_OFF: no skip twin).
+    mixed, dead = ({"model.name": "resnet", "model.skip": False, "variant": v} for v in ("mixed", "dead"))
+    hist["mixed"] = [seed_run(tracker, trial(False, seed, lr=1e-2), MIXED, "completed", stage="confirm", grid=mixed)
                      for seed in (1, 2)]
-    hist["mixed"].append(seed_run(tracker, trial(False, 3, **diverge), MIXED, "diverged", stage="confirm"))
-    hist["dead"] = [seed_run(tracker, trial(False, seed, **diverge), DEAD, "diverged", stage="confirm")
+    hist["mixed"].append(seed_run(tracker, trial(False, 3, **diverge), MIXED, "diverged", stage="confirm",
+                                  grid=mixed))
+    hist["dead"] = [seed_run(tracker, trial(False, seed, **diverge), DEAD, "diverged", stage="confirm", grid=dead)
                     for seed in (1, 2)]
     tracker.end_run(tracker.parent_id, "FINISHED")
     path = report.write_report(uri, "odd", None, None, tmp / "out", show=False)
@@ -396,6 +403,26 @@ def test_renaming_runs_does_not_change_the_report(odd: dict[str, Any], tmp_path:
     before, after = table(odd["md"], "cell"), table(again, "cell")
     assert {c: {k: r[k] for k in columns} for c, r in before.items()} == {
         c: {k: r[k] for k in columns} for c, r in after.items()}
+
+
+def test_renaming_cells_does_not_change_what_is_compared(odd: dict[str, Any], tmp_path: Path) -> None:
+    """Skip twins are paired by the grid values their runs carry (tag resnet_lab.grid), not by `-noskip` labels."""
+    db = tmp_path / "mlflow.db"
+    shutil.copy(odd["uri"].removeprefix("sqlite:///"), db)  # a copy: the module's store stays as the others read it
+    client = MlflowClient(f"sqlite:///{db}")
+    names: dict[str, str] = {}
+    for run in client.search_runs([client.get_experiment_by_name("odd").experiment_id], max_results=1000):
+        if run.data.tags.get("resnet_lab.role") == "trial":
+            cell = run.data.tags["resnet_lab.cell"]
+            client.set_tag(run.info.run_id, "resnet_lab.cell", names.setdefault(cell, f"cell{len(names)}"))
+    again = report.write_report(f"sqlite:///{db}", "odd", None, None, tmp_path / "out", show=False).read_text()
+    before = table(odd["md"], "comparison")
+    assert f"{SKIP_ON} vs {SKIP_OFF}" in before
+    renamed = {}
+    for pair, row in before.items():
+        label = " vs ".join(names[c] for c in pair.split(" vs "))
+        renamed[label] = {**row, "comparison": label}
+    assert table(again, "comparison") == renamed
 
 
 def test_paper_spec_puts_the_reference_studys_numbers_beside_ours(tmp_path: Path) -> None:

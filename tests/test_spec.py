@@ -10,8 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from resnet_lab.spec import RECIPES, ResolvedTrainer, TrainerConfig, TrialConfig
+from resnet_lab.spec.errors import SpecError
 from resnet_lab.spec.load import load_spec, parse_override
-from resnet_lab.spec.loader import SpecError
 from resnet_lab.spec.sweep import asha_rungs
 
 ROOT = Path(__file__).resolve().parent.parent

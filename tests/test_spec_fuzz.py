@@ -29,8 +29,9 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from resnet_lab.spec.errors import SpecError
 from resnet_lab.spec.load import load_spec
-from resnet_lab.spec.loader import SpecError, parse_yaml_text
+from resnet_lab.spec.loader import parse_yaml_text
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = sorted((ROOT / "sweeps").glob("*.yaml")) + sorted((ROOT / "tests" / "specs" / "good").glob("*.yaml"))

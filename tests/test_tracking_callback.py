@@ -15,8 +15,8 @@ from ray.tune.callback import CallbackList
 from ray.tune.experiment import Trial
 
 from resnet_lab.outcome import OUTCOME_KEY
+from resnet_lab.spec.cells import Cell
 from resnet_lab.spec.load import load_spec
-from resnet_lab.spec.sweep import Cell
 from resnet_lab.tracking import SweepTracker
 from resnet_lab.tune.callbacks import sweep_callbacks
 from resnet_lab.tune.checkpoints import CheckpointPruner

@@ -12,8 +12,8 @@ import pytest
 from ray.tune.search import Searcher
 
 from resnet_lab.outcome import OUTCOME_KEY
+from resnet_lab.spec.cells import startup_configs
 from resnet_lab.spec.load import load_spec
-from resnet_lab.spec.sweep import startup_configs
 from resnet_lab.tune.search import CellSearcher
 
 SPEC = """

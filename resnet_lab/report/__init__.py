@@ -26,7 +26,8 @@ def _logged_sections(sweep: SweepRuns) -> tuple[dict[str, float], ReportConfig]:
     own YAML rules and models; a missing or unreadable spec gives no reference and the default report section."""
     from pydantic import ValidationError
 
-    from resnet_lab.spec.loader import SpecError, parse_yaml_text
+    from resnet_lab.spec.errors import SpecError
+    from resnet_lab.spec.loader import parse_yaml_text
     from resnet_lab.spec.sweep import ReportConfig
 
     text = sweep.spec_text()
@@ -123,7 +124,7 @@ def resolve_target(target: str) -> tuple[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `sweep.py report`; returns the exit code."""
-    from resnet_lab.spec.loader import SpecError
+    from resnet_lab.spec.errors import SpecError
 
     args = build_parser().parse_args(argv)
     try:

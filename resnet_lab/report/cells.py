@@ -9,16 +9,18 @@ stopped (Ctrl-C, or ASHA in a search stage) are not results: they are counted an
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from resnet_lab.outcome import Outcome
 from resnet_lab.report.stats import Estimate, Ratio, geometric_mean_ci, mean_ci
 from resnet_lab.spec.catalog import MODEL_CATALOG
-from resnet_lab.tracking import TAG_CONFIG
+from resnet_lab.tracking import TAG_CONFIG, TAG_GRID
 from resnet_lab.tracking.query import SweepRuns, TrialRun
 
 FINISHED = tuple(o for o in Outcome if o.trained_out)  # trained to their natural end
@@ -91,11 +93,15 @@ class CellSummary:
     setting: dict[str, str] = dataclasses.field(default_factory=dict)
     to_target: tuple[Estimate | None, Estimate | None, int] = (None, None, 0)  # epochs, seconds, runs never there
     configs: int = 1  # configurations of the stage the numbers come from (more than one: chosen among them)
+    grid: dict[str, Any] | None = None  # the cell's grid values (tag resnet_lab.grid); None for runs logged before it
 
-    @property
-    def family(self) -> str:
-        """The cell label without `-noskip`: a skip-on cell and its plain twin share it."""
-        return self.cell.replace(NOSKIP, "", 1)
+    def family(self, *leave_out: str) -> str:
+        """What the cell shares with its twins: its grid values without `leave_out` (`model.skip` for the skip twin,
+        `model.depth` for the same net at other depths). Runs logged before the grid tag: the label without
+        `-noskip` (skip twins only)."""
+        if self.grid is None:
+            return self.cell.replace(NOSKIP, "", 1)
+        return json.dumps({k: v for k, v in self.grid.items() if k not in leave_out}, sort_keys=True)
 
     @property
     def diverged(self) -> int:
@@ -282,7 +288,13 @@ def summarize_cell(sweep: SweepRuns, cell: str, runs: Sequence[TrialRun], metric
         best_epoch=estimate(lambda v: v.best_epoch, finished),
         train_time_s=estimate(lambda v: v.train_time_s, finished), params=sizes[0] if sizes else None,
         reference=reference.get(cell), best_run=best.run if best else None, flow=flows, setting=shared_setting(runs),
-        configs=len({config_key(r) for r in runs if values and r.stage == group[0].stage}))
+        configs=len({config_key(r) for r in runs if values and r.stage == group[0].stage}), grid=grid_values(runs))
+
+
+def grid_values(runs: Sequence[TrialRun]) -> dict[str, Any] | None:
+    """The cell's grid values its runs were tagged with (every run of a cell has the same), or None."""
+    text = next((r.tags[TAG_GRID] for r in runs if TAG_GRID in r.tags), None)
+    return json.loads(text) if text is not None else None
 
 
 def with_target(cell: CellSummary, target: float) -> CellSummary:

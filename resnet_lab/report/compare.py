@@ -9,8 +9,10 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from resnet_lab.report.cells import NOSKIP, RESULTS, CellSummary, RunValues
+from resnet_lab.report.cells import RESULTS, CellSummary, RunValues
 from resnet_lab.report.stats import ALPHA, Paired, Ratio, holm, paired, paired_ratio, verdict
+
+SKIP = "model.skip"  # the grid value a skip twin differs in
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,13 @@ class Comparison:
 
 
 def _signature(cell: CellSummary) -> tuple[str, ...] | None:
-    """What two cells of a depth comparison share: model, block, width, skip, dataset (from the logged params)."""
+    """What two cells of a depth comparison share: model, block, skip and every grid value but the depth (runs
+    logged before the grid tag: model, block, width, skip, dataset from their params)."""
     run = cell.runs[0].run if cell.runs else None
     if run is None or cell.depth is None:
         return None
+    if cell.grid is not None:  # the same grid values but depth: the same net at another depth
+        return (cell.model, cell.block, str(cell.skip), cell.family("model.depth"))
     p = run.params
     return (cell.model, cell.block, p.get("model.width", "1"), str(cell.skip), p.get("dataset.name", ""))
 
@@ -56,10 +61,10 @@ def pairs(cells: Sequence[CellSummary], baseline: str | None,
             seen.add((a.cell, b.cell))
             out.append((kind, a, b))
 
-    off = {c.family: c for c in cells if c.skip is False}
+    off = {c.family(SKIP): c for c in cells if c.skip is False}
     for on in cells:
-        if on.skip and on.family in off:
-            add("skip", on, off[on.family])
+        if on.skip and on.family(SKIP) in off:
+            add("skip", on, off[on.family(SKIP)])
     families: dict[tuple[str, ...], dict[int, list[CellSummary]]] = {}
     for c in cells:
         if (sig := _signature(c)) is not None and c.depth is not None:
@@ -145,7 +150,8 @@ def degradation(cells: Sequence[CellSummary], comparisons: Sequence[Comparison])
         return []
     out = []
     for p in plain:
-        r = next((r for r in residual if r.a.replace(NOSKIP, "") == p.a.replace(NOSKIP, "")), residual[0])
+        twin = {c.cell: c.family(SKIP) for c in cells}
+        r = next((r for r in residual if twin[r.a] == twin[p.a]), residual[0])
         assert p.train is not None and r.train is not None and p.train.diff and r.train.diff
         plain_worse = p.train.diff.high < 0 and (p.train_p_holm or 1.0) < ALPHA
         res_worse = r.train.diff.high < 0 and (r.train_p_holm or 1.0) < ALPHA

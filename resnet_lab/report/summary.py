@@ -49,7 +49,7 @@ def summarize(sweep: SweepRuns, metric: str, mode: str, reference: Mapping[str, 
         by_cell.setdefault(run.cell, []).append(run)
     cells = [summarize_cell(sweep, cell, runs, metric, mode, reference) for cell, runs in by_cell.items()]
     first_seen = {model: i for i, model in reversed(list(enumerate(c.model for c in cells)))}
-    cells.sort(key=lambda c: (first_seen[c.model], c.depth or 0, c.family, c.skip is False))
+    cells.sort(key=lambda c: (first_seen[c.model], c.depth or 0, c.family("model.skip"), c.skip is False))
     target, source = target_acc, "report.target_acc"
     if target is None:
         # The lowest cell's mean best val accuracy: every cell reaches it on average, so times are comparable.

@@ -11,8 +11,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from resnet_lab.spec.loader import suggest
-from resnet_lab.spec.sweep import Cell, Choice, SweepSpec, factor_path, search_points
+from resnet_lab.spec.cells import Cell, search_points
+from resnet_lab.spec.errors import suggest
+from resnet_lab.spec.sweep import Choice, SweepSpec, factor_path
 
 # A real sweep has 2-30 cells and tens to hundreds of trials; issue 15 plans for 1,000-trial sweeps. Ten times
 # that is still a plan, anything beyond is a typo (an extra zero, a factor listed by mistake) or an attack, and is

@@ -13,36 +13,22 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from resnet_lab.spec.base import clean_message
+from resnet_lab.spec.cells import Cell, CellError, check_cells, expand_cells, resolve_matches, variant_problems
 from resnet_lab.spec.checks import check_spec_values, grid_value_problems, size_problems
-from resnet_lab.spec.loader import (
-    LineDict,
-    LineList,
-    SpecError,
-    SpecIssue,
-    format_path,
-    line_of,
-    parse_yaml_text,
-    read_spec_file,
-    suggest,
-)
+from resnet_lab.spec.errors import SpecError, SpecIssue, format_path, suggest
+from resnet_lab.spec.loader import LineDict, LineList, line_of, parse_yaml_text, read_spec_file
 from resnet_lab.spec.sweep import (
     DISTRIBUTION_TAGS,
     SCHEDULER_TAGS,
     AshaConfig,
-    Cell,
-    CellError,
     Choice,
     IntRange,
     LogUniform,
     NoScheduler,
     SweepSpec,
     Uniform,
-    check_cells,
-    expand_cells,
     factor_names,
     factor_path,
-    resolve_matches,
-    variant_problems,
 )
 
 _TAGGED: dict[str, type[BaseModel]] = {"choice": Choice, "uniform": Uniform, "loguniform": LogUniform,

@@ -1,4 +1,4 @@
-"""YAML in, Python values plus the line of every key out; and errors a person can act on.
+"""YAML in, Python values plus the line of every key out (the errors themselves: spec/errors.py).
 
 PyYAML follows YAML 1.1: unquoted `1e-3` is a string, `on`/`yes` are True and `010` is 8. Our loader follows the
 YAML 1.2 core schema instead: `1e-3` is a float, only `true`/`false` are booleans and integers are decimal, so users
@@ -13,48 +13,21 @@ memory; and the file itself is checked before a byte is read (a regular file, at
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
 import stat
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from resnet_lab.spec.errors import SpecError, SpecIssue, format_path
+
 # A real spec is 1-3 KB. PyYAML's pure-Python parser reads about 80 KB/s on a busy CI core, so 64 KiB keeps even
 # the largest accepted file under a second, and anything bigger is not a spec (a log, a dataset, a binary).
 MAX_SPEC_BYTES = 64 * 1024
-
-
-@dataclass(frozen=True)
-class SpecIssue:
-    """One problem in a spec: where, which field, what is wrong."""
-
-    line: int | None
-    path: str
-    message: str
-
-    def format(self, source: str) -> str:
-        where = f"{source}:{self.line}" if self.line is not None else source
-        text = f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
-        return printable(text)
-
-
-def printable(text: str) -> str:
-    """One terminal-safe line: newlines, escape sequences and other control characters shown as `\\n`, `\\x1b`."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-class SpecError(Exception):
-    """A spec (file or --set value) is invalid; str() is the full, printable message."""
-
-    def __init__(self, source: str, issues: Sequence[SpecIssue]) -> None:
-        self.source, self.issues = source, list(issues)
-        super().__init__("\n".join(issue.format(source) for issue in self.issues))
 
 
 class LineDict(dict):
@@ -321,11 +294,6 @@ for _tag in ("binary", "omap", "pairs", "set", "timestamp"):  # safe, but not va
 _Loader.add_constructor(None, _construct_other_tag)  # every other tag: !!python/..., !local
 
 
-def format_path(parts: Iterable[Any]) -> str:
-    """["search", "lr", "values", 0] -> "search.lr.values[0]"."""
-    return "".join(f"[{p}]" if isinstance(p, int) and not isinstance(p, bool) else f".{p}" for p in parts).lstrip(".")
-
-
 def control_characters(text: str, limit: int = 5) -> list[SpecIssue]:
     """Characters YAML does not allow (NUL, ESC, DEL, ...), each with its line and column; at most `limit`."""
     issues: list[SpecIssue] = []
@@ -474,9 +442,3 @@ def line_of(data: Any, path: Iterable[Any]) -> int | None:
     return line
 
 
-def suggest(word: str, choices: Iterable[str]) -> str:
-    """"; did you mean 'x'?" for a near miss, else ""."""
-    choices = list(choices)
-    prefixed = [c for c in choices if len(word) >= 3 and c.startswith(word)]  # `grace` -> `grace_period`
-    match = prefixed[:1] if len(prefixed) == 1 else difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
-    return f"; did you mean '{match[0]}'?" if match else ""

@@ -19,7 +19,7 @@ from pydantic import Field, Strict, ValidationInfo, create_model, field_validato
 from resnet_lab.spec.base import StrictModel
 from resnet_lab.spec.catalog import MODEL_CATALOG
 from resnet_lab.spec.datasets import DEFAULT_FOLDER_IMAGE_SIZE, DatasetName
-from resnet_lab.spec.loader import suggest
+from resnet_lab.spec.errors import suggest
 
 DATA_ROOT_ENV = "RESNET_LAB_DATA"
 

@@ -9,6 +9,7 @@ from resnet_lab.tracking.writer import (
     TAG_CONFIG,
     TAG_DISCARDED,
     TAG_ERROR,
+    TAG_GRID,
     TAG_OUTCOME,
     TAG_RESUMED_FROM,
     TAG_RETRIES,
@@ -27,7 +28,7 @@ from resnet_lab.tracking.writer import (
 )
 
 __all__ = [
-    "GIVE_UP_ENV", "SPOOL_ENV", "TAG_CELL", "TAG_CONFIG", "TAG_DISCARDED", "TAG_ERROR", "TAG_OUTCOME",
+    "GIVE_UP_ENV", "SPOOL_ENV", "TAG_CELL", "TAG_CONFIG", "TAG_DISCARDED", "TAG_ERROR", "TAG_GRID", "TAG_OUTCOME",
     "TAG_RESUMED_FROM", "TAG_RETRIES", "TAG_ROLE", "TAG_RUNG", "TAG_SEED", "TAG_SPEC_HASH", "TAG_STAGE",
     "TAG_STOPPED_BY", "TAG_SWEEP", "TAG_TRIAL_ID", "SweepRef", "SweepTracker", "TrackingUnavailable", "quiet_mlflow",
     "resolve_tracking_uri",

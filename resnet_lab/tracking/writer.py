@@ -41,6 +41,7 @@ TAG_CELL = "resnet_lab.cell"
 TAG_STAGE = "resnet_lab.stage"
 TAG_SEED = "resnet_lab.seed"
 TAG_CONFIG = "resnet_lab.config"  # the configuration's label: the run name without seed and stage
+TAG_GRID = "resnet_lab.grid"  # the cell's grid values as the spec sets them (JSON): what sets the cell apart
 TAG_OUTCOME = "resnet_lab.outcome"  # an Outcome (resnet_lab.outcome)
 TAG_STOPPED_BY = "stopped_by"
 TAG_RUNG = "stopped_at_epoch"

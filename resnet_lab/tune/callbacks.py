@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import math
 import tempfile
@@ -16,11 +17,12 @@ from resnet_lab.console import LiveView
 from resnet_lab.outcome import OUTCOME_KEY, Outcome
 from resnet_lab.spec import TrialConfig
 from resnet_lab.spec.catalog import MODEL_CATALOG
-from resnet_lab.spec.sweep import Cell, model_label, short_value
+from resnet_lab.spec.cells import Cell, model_label, short_value
 from resnet_lab.tracking import (
     TAG_CELL,
     TAG_CONFIG,
     TAG_ERROR,
+    TAG_GRID,
     TAG_OUTCOME,
     TAG_RESUMED_FROM,
     TAG_RETRIES,
@@ -59,6 +61,14 @@ def run_name(config: dict[str, Any]) -> str:
     """`resnet18-noskip-lr3.2e-04-s0`: the configuration's label, the seed; `-confirm` for the confirm stage."""
     meta = TrialMeta.of(config)
     return f"{config_label(config)}-s{meta.seed}" + ("-confirm" if meta.stage == "confirm" else "")
+
+
+def grid_tag(cell: Cell) -> str:
+    """The cell's grid values as the spec sets them (JSON, tag `resnet_lab.grid`): the report pairs cells by these
+    (a skip twin shares all but `model.skip`), never by their labels. A width solved by `match_params` is left out:
+    the spec did not set it, and a capacity-matched twin is still the twin."""
+    values = {k: v for k, v in cell.values.items() if not (cell.match_params and k == "model.width")}
+    return json.dumps(values, sort_keys=True, default=str)
 
 
 def trial_params(cfg: TrialConfig, meta: TrialMeta) -> dict[str, Any]:
@@ -119,7 +129,7 @@ class MlflowRuns(Callback):
             meta = TrialMeta.of(config)
             cfg = trial_config(self.cells[meta.cell].base, config)
             tags = {TAG_CELL: meta.cell, TAG_STAGE: meta.stage, TAG_SEED: str(meta.seed),
-                    TAG_CONFIG: config_label(config)}
+                    TAG_CONFIG: config_label(config), TAG_GRID: grid_tag(self.cells[meta.cell])}
             reuse = trial.trial_id in (self.restored or ())  # an earlier driver may have created its run
             self.runs[trial.trial_id] = self.tracker.start_trial(trial.trial_id, run_name(config),
                                                                  trial_params(cfg, meta), tags, reuse=reuse)

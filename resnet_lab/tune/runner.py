@@ -17,7 +17,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 import ray
-import yaml
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
@@ -251,7 +250,7 @@ def run_sweep(loaded: LoadedSpec, options: RunOptions) -> SweepOutcome:
             name, tags=_parent_tags(loaded),
             params={"cells": len(cells), "trials": total, "metric": spec.metric, "mode": spec.resolved_mode,
                     "storage": storage, **provenance()},
-            artifacts={"spec.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)})
+            artifacts={"spec.yaml": spec.to_yaml()})
         # Tune pickles the run config (these callbacks with it) here and restores it on --resume.
         callbacks = sweep_callbacks(tracker.ref, {c.label: c for c in cells}, scheduler,
                                     (total, spec.metric, spec.resolved_mode))

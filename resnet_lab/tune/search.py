@@ -17,17 +17,8 @@ import optuna
 from ray.tune.search import Searcher
 
 from resnet_lab.outcome import OUTCOME_KEY, Outcome
-from resnet_lab.spec.sweep import (
-    Cell,
-    Choice,
-    IntRange,
-    LogUniform,
-    SweepSpec,
-    Uniform,
-    configs_in,
-    startup_configs,
-    trials_in,
-)
+from resnet_lab.spec.cells import Cell, configs_in, startup_configs, trials_in
+from resnet_lab.spec.sweep import Choice, IntRange, LogUniform, SweepSpec, Uniform
 from resnet_lab.tune.trainable import TrialMeta
 
 
