@@ -249,12 +249,12 @@ def estimate(loaded: LoadedSpec, uri: str | None = None, time_steps: bool = True
     return out
 
 
-# What a sweep costs beyond its trials' epochs, measured by benchmarks/scaling.py on a 2-CPU VM (1 Dec 2026, SQLite,
-# 200 and 1,000 trials of ~0.7 s): the wall time beyond the epochs came to 1.6 and 0.6 s per trial per slot (Ray's
-# actor reuse, MLflow's run creation and end, the trial's data set-up) plus 20-70 s of Ray start-up, preflight and
-# shutdown. Without them the estimate from measured epoch times was 0.44 (200 trials) and 0.69 (1,000) of the actual
-# wall time; with 1.0 s and 30 s it would have been 0.90 and 1.24.
-TRIAL_OVERHEAD_S = 1.0
+# What a sweep costs beyond its trials' epochs, measured by benchmarks/scaling.py on a 2-CPU VM (SQLite, trials of
+# ~0.6 s): Ray's actor reuse, MLflow's run creation and end, checkpoints, the trial's data set-up, per trial per slot,
+# plus Ray start-up, preflight and shutdown. On the idle machine with write-behind MLflow (2 Dec 2026): 0.78 s at 50
+# trials and 0.41 s at 200, and 30-32 s; with 0.6 s and 30 s the estimate is 0.89 and 1.08 of the actual wall time.
+# (The 1 Dec runs beside a test suite, with synchronous writes, came to 1.6 s at 200 trials and 0.6 s at 1,000.)
+TRIAL_OVERHEAD_S = 0.6
 STARTUP_S = 30.0
 
 
@@ -282,7 +282,7 @@ def print_estimate(loaded: LoadedSpec, uri: str | None, max_concurrent: int | No
     console.info(f"total: {total_trials} trials, at most {sum(c.epochs_max for c in cells)} epochs, expected "
                  f"{sum(c.epochs_expected for c in cells):.1f}; {hours:.3f} device-hours expected ({hours_max:.3f} "
                  f"at most); wall about {_duration(wall)} at {slots} trials at once ({why}): "
-                 f"{_duration(training)} of training, {TRIAL_OVERHEAD_S:.0f} s per trial of orchestration and "
+                 f"{_duration(training)} of training, {TRIAL_OVERHEAD_S:g} s per trial of orchestration and "
                  f"{STARTUP_S:.0f} s to start, as measured on a 2-CPU machine (benchmarks/scaling.py)")
     if uri:
         actual = last_sweep_wall_s(uri, spec.experiment_name, spec.name)
