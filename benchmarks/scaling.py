@@ -28,7 +28,8 @@ Goals (issue 15): per-trial overhead at the largest N at most 1.2x that at N = 5
 Tuner's at the same N. `--results FILE` saves every run's figures (JSON lines) as the run ends and judges the goals
 over the whole file, so N = 1,000 can run in a later invocation than N = 50; `--show` prints a file's tables.
 
-    python benchmarks/scaling.py [--quick] [--sizes 50,200,1000] [--stores sqlite,postgres] [--results FILE] [--show]
+    python benchmarks/scaling.py [--quick] [--sizes 50,200,1000] [--stores sqlite,postgres] [--concurrency 2]
+                                 [--results FILE] [--show]
 """
 
 from __future__ import annotations
@@ -258,14 +259,19 @@ def row(n: int, path: str, store: str, proc: Process, storage: Path, cost: float
             "when": time.strftime("%Y-%m-%d %H:%M"), "commit": COMMIT}
 
 
+def slots(r: dict[str, Any]) -> int:
+    """Trials at once in the run (`--concurrency`; runs saved before the option had 2)."""
+    return int(r.get("slots", CONCURRENCY))
+
+
 def per_trial_s(r: dict[str, Any]) -> float:
-    """Trial-slot seconds each trial cost beyond C over the span of the trials: (2 x span - N x C) / N."""
-    return (CONCURRENCY * r["span_s"] - r["n"] * r["cost_s"]) / r["n"]
+    """Trial-slot seconds each trial cost beyond C over the span of the trials: (slots x span - N x C) / N."""
+    return (slots(r) * r["span_s"] - r["n"] * r["cost_s"]) / r["n"]
 
 
 def whole_per_trial_s(r: dict[str, Any]) -> float:
-    """The same over the whole run, start-up and shutdown included: (2 x wall - N x C) / N."""
-    return (CONCURRENCY * r["wall_s"] - r["n"] * r["cost_s"]) / r["n"]
+    """The same over the whole run, start-up and shutdown included: (slots x wall - N x C) / N."""
+    return (slots(r) * r["wall_s"] - r["n"] * r["cost_s"]) / r["n"]
 
 
 def save(results: Path | None, rows: Sequence[dict[str, Any]]) -> None:
@@ -279,10 +285,11 @@ def save(results: Path | None, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, env: dict[str, str], cost: float,
-             rate: int, results: Path | None) -> list[dict[str, Any]]:
-    """sweep.py on each store, then the bare Tuner, for `n` trials; each run saved to `results` as it ends."""
+             rate: int, results: Path | None, at_once: int = CONCURRENCY) -> list[dict[str, Any]]:
+    """sweep.py on each store, then the bare Tuner, for `n` trials, `at_once` at a time; each run saved to
+    `results` as it ends."""
     spec = tmp / f"scaling-n{n}.yaml"
-    spec.write_text(SPEC.format(trials=n, images=IMAGES, epochs=EPOCHS, concurrency=CONCURRENCY, device="cpu"))
+    spec.write_text(SPEC.format(trials=n, images=IMAGES, epochs=EPOCHS, concurrency=at_once, device="cpu"))
     timeout = 600 + 10 * n
     out = []
     for name in names:
@@ -297,7 +304,7 @@ def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, e
                           "--storage", str(work / "results"), "--ray-temp-dir", str(work / "ray")],
                          work, env, timeout, profile_hz=rate, store_roots=store.roots())
         r = row(n, "sweep.py", name, proc, work / "results", cost)
-        r.update(estimates=estimates, id=f"{tmp.name}-n{n}-{name}", run=tmp.name)
+        r.update(estimates=estimates, id=f"{tmp.name}-n{n}-{name}", run=tmp.name, slots=at_once)
         out.append(r)
         save(results, out)
         print(f"  N={n} sweep.py ({name}): wall {proc.wall_s:.1f} s", flush=True)
@@ -307,9 +314,9 @@ def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, e
     work.mkdir()
     proc = timed_run([sys.executable, str(HERE / "_raw_tune.py"), str(spec), "--storage", str(work / "results"),
                       "--ray-temp-dir", str(work / "ray"), "--reuse-actors", "--trials", str(n),
-                      "--max-concurrent", str(CONCURRENCY)], work, env, timeout)
+                      "--max-concurrent", str(at_once)], work, env, timeout)
     out.append(row(n, "bare Tuner, reuse_actors", "-", proc, work / "results", cost))
-    out[-1].update(id=f"{tmp.name}-n{n}-bare", run=tmp.name)
+    out[-1].update(id=f"{tmp.name}-n{n}-bare", run=tmp.name, slots=at_once)
     save(results, out)
     print(f"  N={n} bare Tuner: wall {proc.wall_s:.1f} s", flush=True)
     shutil.rmtree(work, ignore_errors=True)
@@ -318,8 +325,8 @@ def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, e
 
 # -- tables ---------------------------------------------------------------------------------------------------------
 def bare_of(rows: Sequence[dict[str, Any]], mine: dict[str, Any]) -> dict[str, Any] | None:
-    """The bare Tuner's run at the same N, from the same invocation when there is one."""
-    bare = [r for r in rows if r["n"] == mine["n"] and r["path"].startswith("bare")]
+    """The bare Tuner's run at the same N and concurrency, from the same invocation when there is one."""
+    bare = [r for r in rows if r["n"] == mine["n"] and slots(r) == slots(mine) and r["path"].startswith("bare")]
     same = [r for r in bare if r.get("run") == mine.get("run")]
     return (same or bare or [None])[0]
 
@@ -329,7 +336,7 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
     lines = []
     for r in rows:
         bare = bare_of(rows, r)
-        lines.append([f"{r['n']:,}", r["path"], r["store"], r.get("commit", "?"), f"{r['wall_s']:.0f}",
+        lines.append([f"{r['n']:,}", str(slots(r)), r["path"], r["store"], r.get("commit", "?"), f"{r['wall_s']:.0f}",
                       f"{r['startup_s']:.0f}",
                       f"{r['span_s']:.0f}", f"{r['shutdown_s']:.0f}", f"{per_trial_s(r):.2f}",
                       f"{whole_per_trial_s(r):.2f}", f"{r['driver_cpu_s']:.0f}",
@@ -338,10 +345,10 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
                       f"{per_trial_s(r) / per_trial_s(bare):.2f}" if bare else "-",
                       f"{r['wall_s'] / bare['wall_s']:.2f}" if bare else "-"])
     cost = median([r["cost_s"] for r in rows])
-    show(f"scaling: N trials x {EPOCHS} epochs (known cost C = {cost:.2f} s each), {CONCURRENCY} at a time",
-         ["N", "path", "store", "code", "wall s", "start-up s", "span s", "shutdown s", "per-trial overhead s",
-          "whole run per trial s", "driver CPU s", "driver CPU / trial s", "store CPU / trial s",
-          "overhead vs bare", "wall vs bare"], lines)
+    show(f"scaling: N trials x {EPOCHS} epochs (known cost C = {cost:.2f} s each); `at once`: trials at a time",
+         ["N", "at once", "path", "store", "code", "wall s", "start-up s", "span s", "shutdown s",
+          "per-trial overhead s", "whole run per trial s", "driver CPU s", "driver CPU / trial s",
+          "store CPU / trial s", "overhead vs bare", "wall vs bare"], lines)
     ours = [r for r in rows if r["samples"]]
     if ours:
         lines = []
@@ -371,19 +378,21 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
 def print_goals(rows: list[dict[str, Any]]) -> None:
     """Per-trial overhead at the largest N vs N = 50, and vs the bare Tuner at each N."""
     lines = []
-    for store, commit in sorted({(r["store"], r.get("commit", "?")) for r in rows if r["store"] != "-"}):
-        ours = {r["n"]: r for r in rows if r["store"] == store and r.get("commit", "?") == commit}  # last run wins
+    for store, commit, k in sorted({(r["store"], r.get("commit", "?"), slots(r)) for r in rows if r["store"] != "-"}):
+        ours = {r["n"]: r for r in rows  # last run wins
+                if r["store"] == store and r.get("commit", "?") == commit and slots(r) == k}
         small = ours.get(50) or ours[min(ours)]
         for n in sorted(ours):
             r, bare = ours[n], bare_of(rows, ours[n])
             growth = per_trial_s(r) / per_trial_s(small)
             versus = per_trial_s(r) / per_trial_s(bare) if bare else float("nan")
-            lines.append([store, f"{n:,}", f"{per_trial_s(r):.2f}", f"{per_trial_s(bare):.2f}" if bare else "-",
+            lines.append([store, f"{n:,}", str(k), f"{per_trial_s(r):.2f}", f"{per_trial_s(bare):.2f}" if bare else "-",
                           f"{growth:.2f} ({'met' if growth <= GOAL else 'not met'})",
                           f"{versus:.2f} ({'met' if versus <= GOAL else 'not met'})",
                           f"{1000 * r['driver_cpu_s'] / n:.0f}", f"{r['when']} ({commit})"])
     show(f"goals: per-trial overhead vs N = {min(r['n'] for r in rows)} and vs the bare Tuner, each <= {GOAL}",
-         ["store", "N", "ours s", "bare s", "vs smallest N", "vs bare Tuner", "driver CPU ms / trial", "measured"],
+         ["store", "N", "at once", "ours s", "bare s", "vs smallest N", "vs bare Tuner", "driver CPU ms / trial",
+          "measured"],
          lines)
 
 
@@ -401,6 +410,9 @@ def main() -> int:
                    help="save each run's figures here (JSON lines) as it ends; the goals are judged over the file")
     p.add_argument("--show", action="store_true", help="print the tables of --results FILE and exit (no runs)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                   help=f"trials at once (default {CONCURRENCY}: both cores; 1 leaves a core to the driver, as a "
+                        "cluster's head node does)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill PID`: stop the run and the servers cleanly
     if args.show:
@@ -421,7 +433,7 @@ def main() -> int:
     print(machine_line("cpu"), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="rls-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
     print(f"N = {', '.join(map(str, sizes))} trials x {EPOCHS} epochs (baseline_cnn w0.5, {IMAGES} synthetic 16x16 "
-          f"images), {CONCURRENCY} at a time, 1 CPU each; stores {', '.join(names)}; work dir {tmp}\n", flush=True)
+          f"images), {args.concurrency} at a time, 1 CPU each; stores {', '.join(names)}; work dir {tmp}\n", flush=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     spec = tmp / "cost.yaml"
@@ -431,7 +443,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     with stores(names, tmp) as found:
         for n in sizes:
-            rows += run_size(n, names, found, tmp, env, median(costs), args.rate, args.results)
+            rows += run_size(n, names, found, tmp, env, median(costs), args.rate, args.results, args.concurrency)
     costs += known_cost(spec, 3)
     cost = median(costs)
     print(f"  known cost C of one trial (fit() in-process, 1 thread, alone): median {cost:.2f} s (range "
