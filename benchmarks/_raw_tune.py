@@ -3,6 +3,10 @@ checkpoints, no logging callbacks, no searcher; one trial per seed of the spec's
 --trials N), reporting each epoch's metrics.
 
     python benchmarks/_raw_tune.py SPEC.yaml --storage DIR --ray-temp-dir DIR [--reuse-actors] [--trials N]
+                                   [--checkpoints]
+
+`--checkpoints`: each epoch's report carries the trainer's state as a Tune checkpoint, as sweep.py's trials do
+(`resnet_lab/tune/trainable.py`): what checkpointing alone costs, apart from MLflow, the searcher and ASHA.
 
 Prints `FIRST_RESULT <unix time>` when the driver receives the first epoch's result and `RAW_FIT_S <seconds>`
 (Tuner.fit only) before exiting.
@@ -25,6 +29,7 @@ def main() -> int:
     p.add_argument("--reuse-actors", action="store_true")
     p.add_argument("--trials", type=int, default=None,
                    help="run this many trials, seeds 0..N-1 of the first cell (default: the spec's seeds)")
+    p.add_argument("--checkpoints", action="store_true", help="a checkpoint with every epoch's report")
     args = p.parse_args()
 
     import ray
@@ -46,12 +51,24 @@ def main() -> int:
     base = loaded.cells[0].base.model_dump(exclude_none=True)
     base["trainer"]["threads"] = max(1, int(loaded.spec.resources.cpu))  # as sweep.py gives each trial
 
+    checkpoints = args.checkpoints
+
     def trainable(config: dict[str, Any]) -> None:
+        import tempfile
+
         from resnet_lab.spec import TrialConfig
         from resnet_lab.trainer import fit
 
+        def report(epoch: Any) -> None:
+            if not checkpoints:
+                tune.report(dict(epoch.metrics))
+                return
+            with tempfile.TemporaryDirectory() as directory:  # as resnet_lab.tune.trainable.train_trial does
+                epoch.state().save(directory)
+                tune.report(dict(epoch.metrics), checkpoint=tune.Checkpoint.from_directory(directory))
+
         cfg = TrialConfig.model_validate({**base, "seed": config["seed"]})
-        fit(cfg, lambda epoch: tune.report(dict(epoch.metrics)))
+        fit(cfg, report)
 
     ray.init(include_dashboard=False, log_to_driver=False, _temp_dir=args.ray_temp_dir)
     tuner = tune.Tuner(

@@ -29,6 +29,7 @@ Tuner's at the same N. `--results FILE` saves every run's figures (JSON lines) a
 over the whole file, so N = 1,000 can run in a later invocation than N = 50; `--show` prints a file's tables.
 
     python benchmarks/scaling.py [--quick] [--sizes 50,200,1000] [--stores sqlite,postgres] [--concurrency 2]
+                                 [--checkpointed-bare]
                                  [--results FILE] [--show]
 """
 
@@ -57,6 +58,8 @@ HERE = Path(__file__).resolve().parent
 EPOCHS, IMAGES = 3, 512
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GOAL = 1.2
+BARE = "bare Tuner, reuse_actors"
+BARE_CHECKPOINTS = "bare Tuner, reuse_actors, checkpoints"  # --checkpointed-bare: what checkpoints alone cost
 # The code measured: the checkout's commit when this benchmark started ("+" when tracked files differ from it).
 COMMIT = subprocess.run("git rev-parse --short HEAD && git status --porcelain --untracked-files=no | head -1",
                         shell=True, cwd=ROOT, capture_output=True, text=True).stdout.split("\n", 1)
@@ -285,7 +288,8 @@ def save(results: Path | None, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, env: dict[str, str], cost: float,
-             rate: int, results: Path | None, at_once: int = CONCURRENCY) -> list[dict[str, Any]]:
+             rate: int, results: Path | None, at_once: int = CONCURRENCY,
+             checkpointed: bool = False) -> list[dict[str, Any]]:
     """sweep.py on each store, then the bare Tuner, for `n` trials, `at_once` at a time; each run saved to
     `results` as it ends."""
     spec = tmp / f"scaling-n{n}.yaml"
@@ -310,23 +314,24 @@ def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, e
         print(f"  N={n} sweep.py ({name}): wall {proc.wall_s:.1f} s", flush=True)
         shutil.rmtree(work / "ray", ignore_errors=True)
         shutil.rmtree(work / "results", ignore_errors=True)
-    work = tmp / f"n{n}-bare"
-    work.mkdir()
-    proc = timed_run([sys.executable, str(HERE / "_raw_tune.py"), str(spec), "--storage", str(work / "results"),
-                      "--ray-temp-dir", str(work / "ray"), "--reuse-actors", "--trials", str(n),
-                      "--max-concurrent", str(at_once)], work, env, timeout)
-    out.append(row(n, "bare Tuner, reuse_actors", "-", proc, work / "results", cost))
-    out[-1].update(id=f"{tmp.name}-n{n}-bare", run=tmp.name, slots=at_once)
-    save(results, out)
-    print(f"  N={n} bare Tuner: wall {proc.wall_s:.1f} s", flush=True)
-    shutil.rmtree(work, ignore_errors=True)
+    for path, extra in [(BARE, []), *([(BARE_CHECKPOINTS, ["--checkpoints"])] if checkpointed else [])]:
+        work = tmp / f"n{n}-bare{extra[0] if extra else ''}"
+        work.mkdir()
+        proc = timed_run([sys.executable, str(HERE / "_raw_tune.py"), str(spec), "--storage", str(work / "results"),
+                          "--ray-temp-dir", str(work / "ray"), "--reuse-actors", "--trials", str(n),
+                          "--max-concurrent", str(at_once), *extra], work, env, timeout)
+        out.append(row(n, path, "-", proc, work / "results", cost))
+        out[-1].update(id=f"{tmp.name}-n{n}-{path}", run=tmp.name, slots=at_once)
+        save(results, out)
+        print(f"  N={n} {path}: wall {proc.wall_s:.1f} s", flush=True)
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
 # -- tables ---------------------------------------------------------------------------------------------------------
 def bare_of(rows: Sequence[dict[str, Any]], mine: dict[str, Any]) -> dict[str, Any] | None:
     """The bare Tuner's run at the same N and concurrency, from the same invocation when there is one."""
-    bare = [r for r in rows if r["n"] == mine["n"] and slots(r) == slots(mine) and r["path"].startswith("bare")]
+    bare = [r for r in rows if r["n"] == mine["n"] and slots(r) == slots(mine) and r["path"] == BARE]
     same = [r for r in bare if r.get("run") == mine.get("run")]
     return (same or bare or [None])[0]
 
@@ -410,6 +415,8 @@ def main() -> int:
                    help="save each run's figures here (JSON lines) as it ends; the goals are judged over the file")
     p.add_argument("--show", action="store_true", help="print the tables of --results FILE and exit (no runs)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--checkpointed-bare", action="store_true",
+                   help="also run the bare Tuner with a checkpoint per epoch (what checkpoints alone cost)")
     p.add_argument("--concurrency", type=int, default=CONCURRENCY,
                    help=f"trials at once (default {CONCURRENCY}: both cores; 1 leaves a core to the driver, as a "
                         "cluster's head node does)")
@@ -443,7 +450,8 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     with stores(names, tmp) as found:
         for n in sizes:
-            rows += run_size(n, names, found, tmp, env, median(costs), args.rate, args.results, args.concurrency)
+            rows += run_size(n, names, found, tmp, env, median(costs), args.rate, args.results, args.concurrency,
+                             args.checkpointed_bare)
     costs += known_cost(spec, 3)
     cost = median(costs)
     print(f"  known cost C of one trial (fit() in-process, 1 thread, alone): median {cost:.2f} s (range "
