@@ -6,9 +6,11 @@ The end-to-end resume tests (test_reliability) hit the race below only sometimes
 from __future__ import annotations
 
 import pickle
+import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune import Checkpoint
 from ray.tune.callback import CallbackList
@@ -17,7 +19,7 @@ from ray.tune.experiment import Trial
 from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.spec.cells import Cell
 from resnet_lab.spec.load import load_spec
-from resnet_lab.tracking import SweepTracker
+from resnet_lab.tracking import GIVE_UP_ENV, SPOOL_ENV, SweepTracker
 from resnet_lab.tune.callbacks import sweep_callbacks
 from resnet_lab.tune.checkpoints import CheckpointPruner
 
@@ -202,3 +204,23 @@ def test_checkpoint_pruner_deletes_only_what_a_snapshot_taken_long_enough_ago_ha
     pruner.prune(time.monotonic() + safe_s)
     assert not Path(c2.path).exists() and Path(c3.path).exists()  # the newest always stays
     assert pruner.deleted == 2
+
+
+def test_orphan_check_with_the_store_given_up_leaves_the_stop_to_the_outbox(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The store stops answering at the first step: the orphan check says so and returns instead of raising out of
+    Tune's loop (the writes that follow go through the outbox, which rides out or gives up on the outage)."""
+    monkeypatch.setenv(SPOOL_ENV, str(tmp_path / "spool"))
+    monkeypatch.setenv(GIVE_UP_ENV, "1")
+    _, tracker, cells = new_sweep(tmp_path)
+    callbacks = sweep_callbacks(tracker.ref, cells, None, None)
+    lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None, timeout=30)
+    lock.execute("BEGIN EXCLUSIVE")  # every other connection now fails with 'database is locked'
+    try:
+        started(callbacks, [])
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert callbacks[0].checked
+    assert "could not look for runs of trials lost with an earlier driver" in caplog.text
+    assert "did not answer for 1 s" in caplog.text

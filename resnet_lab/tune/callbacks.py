@@ -33,6 +33,7 @@ from resnet_lab.tracking import (
     TAG_TRIAL_ID,
     SweepRef,
     SweepTracker,
+    TrackingUnavailable,
 )
 from resnet_lab.tune.schedule import CellScheduler
 from resnet_lab.tune.trainable import ARTIFACTS_KEY, META_KEYS, RESUMED_KEY, TrialMeta, trial_config
@@ -223,7 +224,13 @@ class OrphanRuns(Callback):
         self.checked = True
         assert self.tracker is not None, "Tune calls setup() first"
         known = {t.trial_id for t in trials}
-        for run in self.tracker.children():
+        try:
+            children = self.tracker.children()
+        except TrackingUnavailable as exc:  # not a reason to stop the sweep: the next resume looks again
+            log.warning("could not look for runs of trials lost with an earlier driver (%s); any such run stays "
+                        "until the next --resume looks again", exc)
+            return
+        for run in children:
             trial_id = run.data.tags.get(TAG_TRIAL_ID)
             if trial_id and trial_id not in known:
                 self.tracker.discard(run.info.run_id, f"trial {trial_id} started after the sweep's last state "
