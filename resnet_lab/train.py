@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import operator
 import sys
-import types
 import typing
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -14,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from resnet_lab.spec import TrainerConfig, TrialConfig, model_names
-from resnet_lab.spec.base import clean_message
+from resnet_lab.spec.base import clean_message, without_none
 from resnet_lab.spec.trial import with_values
 
 if TYPE_CHECKING:
@@ -54,9 +51,7 @@ def field_at(path: str) -> FieldInfo:
 
 def argument_for(info: FieldInfo) -> dict[str, Any]:
     """argparse keywords from a field's type: its Literal values as choices, bools as --x/--no-x, tuples as lists."""
-    annotation = info.annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `X | None`: the flag gives an X
-        annotation = functools.reduce(operator.or_, [a for a in typing.get_args(annotation) if a is not type(None)])
+    annotation = without_none(info.annotation)  # `X | None`: the flag gives an X
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(annotation) is Literal:

@@ -7,16 +7,14 @@ does `cfg.get("lr", 0.01)`.
 from __future__ import annotations
 
 import copy
-import functools
-import operator
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, Strict, ValidationInfo, create_model, field_validator, model_validator
 
-from resnet_lab.spec.base import StrictModel
+from resnet_lab.spec.base import StrictModel, without_none
 from resnet_lab.spec.catalog import MODEL_CATALOG
 from resnet_lab.spec.datasets import DEFAULT_FOLDER_IMAGE_SIZE, DatasetName
 from resnet_lab.spec.errors import suggest
@@ -220,7 +218,7 @@ def _resolved_model() -> type[StrictModel]:
             continue
         annotation = info.annotation
         if name in filled:
-            annotation = functools.reduce(operator.or_, (a for a in get_args(annotation) if a is not type(None)))
+            annotation = without_none(annotation)
         constrained = Annotated[(annotation, *info.metadata)] if info.metadata else annotation  # bounds kept
         fields[name] = (constrained, ...)
     return create_model("ResolvedTrainer", __base__=StrictModel, __module__=__name__,
