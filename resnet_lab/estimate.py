@@ -252,7 +252,8 @@ def estimate(loaded: LoadedSpec, uri: str | None = None, time_steps: bool = True
 # What a sweep costs beyond its trials' epochs, measured by benchmarks/scaling.py on a 2-CPU VM (SQLite, trials of
 # ~0.6 s): Ray's actor reuse, MLflow's run creation and end, checkpoints, the trial's data set-up, per trial per slot,
 # plus Ray start-up, preflight and shutdown. On the idle machine with write-behind MLflow (2 Dec 2026): 0.78 s at 50
-# trials and 0.41 s at 200, and 30-32 s; with 0.6 s and 30 s the estimate is 0.89 and 1.08 of the actual wall time.
+# trials and 0.41 s at 200, and 30-32 s; with 0.6 s and 30 s the estimate (recomputed from those runs' figures) is
+# 0.89 and 1.08 of the actual wall time.
 # (The 1 Dec runs beside a test suite, with synchronous writes, came to 1.6 s at 200 trials and 0.6 s at 1,000.)
 TRIAL_OVERHEAD_S = 0.6
 STARTUP_S = 30.0
