@@ -20,6 +20,9 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from procs import Watched, cmdline, descendants, kill_all, wait_until
+from ray import tune
+
+from resnet_lab.tune.trainable import train_trial
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -219,15 +222,16 @@ def test_sigterm_is_a_clean_stop_and_a_plain_rerun_is_a_new_sweep(tmp_path: Path
 
 @pytest.mark.timeout(1200)
 def test_a_killed_trial_process_is_retried_from_its_checkpoint(tmp_path: Path) -> None:
-    spec = write_spec(tmp_path, "retry", epochs=8, samples=1)
+    # A checkpoint every 3 epochs (and at the last): the retried trial repeats the epochs since its checkpoint.
+    spec = write_spec(tmp_path, "retry", epochs=8, samples=1, extra="checkpoint_every: 3\n")
     driver = start(tmp_path, sweep_cmd(tmp_path, spec))
 
-    def both_trials_logged_two_epochs() -> bool:
+    def both_trials_logged_three_epochs() -> bool:
         # MLflow, not result.json, which Tune syncs to storage only every few seconds. The store may not exist yet.
         kids = runs(tmp_path, "retry")[1]
-        return len(kids) == 2 and all(len(steps(tmp_path, k.info.run_id)) >= 2 for k in kids)
+        return len(kids) == 2 and all(len(steps(tmp_path, k.info.run_id)) >= 3 for k in kids)
 
-    wait_until(both_trials_logged_two_epochs, 300, "both trials to log (and so checkpoint) 2 epochs",
+    wait_until(both_trials_logged_three_epochs, 300, "both trials to log (and so checkpoint) 3 epochs",
                retry_on=(MlflowException, AttributeError, KeyError))
     training = [pid for pid in descendants(driver.pid) if "ray::ImplicitFunc.train" in cmdline(pid)]
     assert training, "no trial process found training"
@@ -241,7 +245,12 @@ def test_a_killed_trial_process_is_retried_from_its_checkpoint(tmp_path: Path) -
     assert any(a.path.startswith("error-attempt") for a in client.list_artifacts(retried[0].info.run_id))
     # Resumed from its checkpoint, not from scratch: the new process reported where it started (MLflow keeps each
     # epoch once whatever happens, so the epochs alone cannot tell).
-    assert int(retried[0].data.tags["resumed_from_epoch"]) >= 2
+    assert int(retried[0].data.tags["resumed_from_epoch"]) in (3, 6)
+    # Tune's own record of the checkpoints (public API, no Ray started): epochs 3 and 6, and 8, the last; the
+    # retried trial's first process and its second together wrote each once.
+    (experiment,) = (tmp_path / "ray_results").iterdir()
+    results = tune.Tuner.restore(str(experiment), train_trial).get_results()
+    assert [sorted(int(m["epoch"]) for _, m in r.best_checkpoints) for r in results] == [[3, 6, 8], [3, 6, 8]]
 
 
 @pytest.mark.timeout(900)

@@ -165,6 +165,9 @@ class SweepSpec(StrictModel):
     time_budget_s: float | None = Field(None, gt=0)
     storage: str | None = None  # Ray's trial storage: a local dir (default ./ray_results) or s3:// gs:// URI
     max_failures: int = Field(2, ge=0, le=100)
+    # A trial checkpoints every this many epochs, and always at its last one. A retried or resumed trial repeats
+    # the epochs since its checkpoint (MLflow keeps each epoch's first record).
+    checkpoint_every: int = Field(1, ge=1, le=10_000)
     reference: dict[str, float] = Field(default_factory=dict)  # published accuracies by cell label, for reports
     report: ReportConfig = ReportConfig()
     analysis: list[AnalysisKind] = Field(default_factory=list, max_length=2)  # every trial: lesion, attribution

@@ -15,7 +15,7 @@ from ray import tune
 
 from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.spec import TrialConfig
-from resnet_lab.tune.trainable import RESUMED_KEY, TrialMeta, placement_of, trial_config
+from resnet_lab.tune.trainable import RESUMED_KEY, TrialMeta, checkpoint_due, placement_of, trial_config
 
 # The driver function only waits on its workers; Tune refuses a zero-resource request, so ask for a little memory.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
@@ -42,7 +42,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             metrics[OUTCOME_KEY] = str(epoch.status)
         if resume is not None:  # as single-worker trials: the record says from which epoch this run continued
             metrics[RESUMED_KEY] = resume.epoch
-        if rank != 0:  # every worker reports (Train waits for all); rank 0 alone writes the checkpoint
+        # Every worker reports (Train waits for all); rank 0 alone writes the checkpoint, when one is due.
+        if rank != 0 or not checkpoint_due(epoch, loop_config["checkpoint_every"]):
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
@@ -59,7 +60,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
 
 def train_trial_ddp(config: dict[str, Any], bases: dict[str, TrialConfig], workers: int, cpu: float, gpu: float,
-                    storage: str) -> None:
+                    storage: str, checkpoint_every: int = 1) -> None:
     """A Tune trial that trains data-parallel; a retried trial resumes Train's run of the same name."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -69,7 +70,8 @@ def train_trial_ddp(config: dict[str, Any], bases: dict[str, TrialConfig], worke
     experiment = tune.get_context().get_experiment_name()
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": config, "base": bases[TrialMeta.of(config).cell], "cpus": cpu, "gpu": gpu},
+        train_loop_config={"config": config, "base": bases[TrialMeta.of(config).cell], "cpus": cpu, "gpu": gpu,
+                           "checkpoint_every": checkpoint_every},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu > 0,
                                                resources_per_worker={"CPU": cpu, "GPU": gpu}),
         run_config=ray.train.RunConfig(

@@ -196,11 +196,12 @@ def build_trainable(loaded: LoadedSpec, storage: str) -> Any:
     if res.workers > 1:
         return tune.with_resources(
             tune.with_parameters(train_trial_ddp, bases=bases, workers=res.workers, cpu=res.cpu, gpu=res.gpu,
-                                 storage=storage), DRIVER_RESOURCES)
+                                 storage=storage, checkpoint_every=loaded.spec.checkpoint_every), DRIVER_RESOURCES)
     resources: dict[str, float] = {"cpu": res.cpu, "gpu": res.gpu}
     if res.memory_gb:
         resources["memory"] = res.memory_gb * 2**30
-    return tune.with_resources(tune.with_parameters(train_trial, bases=bases), resources)
+    return tune.with_resources(
+        tune.with_parameters(train_trial, bases=bases, checkpoint_every=loaded.spec.checkpoint_every), resources)
 
 
 def _parent_tags(loaded: LoadedSpec) -> dict[str, str]:

@@ -80,8 +80,15 @@ def _cached_data(dataset: DatasetConfig, device: str) -> Any:
     return load_data(dataset, device)
 
 
-def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig]) -> None:
-    """Run one trial; report every epoch with a checkpoint; continue from Tune's checkpoint when restored."""
+def checkpoint_due(epoch: Any, every: int) -> bool:
+    """Whether this epoch's report carries a checkpoint: every `every` epochs, and always the last one (its state
+    is the trial's result: `model.init` of a transfer sweep reads it)."""
+    return epoch.status is not None or epoch.epoch % every == 0
+
+
+def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig], checkpoint_every: int = 1) -> None:
+    """Run one trial; report every epoch, with a checkpoint every `checkpoint_every` epochs and at the last one;
+    continue from Tune's checkpoint when restored."""
     # torch-bearing imports stay inside: the driver imports this module too and never needs torch.
     from resnet_lab.checkpoint import TrainState
     from resnet_lab.trainer import fit
@@ -107,6 +114,9 @@ def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig]) -> None:
         if epoch.artifacts:  # analysis figures (resnet_lab.analysis), a few tens of KB
             metrics[ARTIFACTS_KEY] = {name: base64.b64encode(data).decode("ascii")
                                       for name, data in epoch.artifacts.items()}
+        if not checkpoint_due(epoch, checkpoint_every):
+            tune.report(metrics)
+            return
         with tempfile.TemporaryDirectory() as directory:
             epoch.state().save(directory)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
