@@ -115,6 +115,7 @@ class MlflowRuns(Callback):
         self.logged: dict[str, int] = {}  # Tune trial id -> last epoch in MLflow (this process's knowledge)
         self.restored: frozenset[str] | None = None  # trials Tune held at its first step: an earlier driver's
         self._resumed: dict[str, Any] = {}  # Tune trial id -> the checkpoint epoch its process resumed from
+        self._outcome: dict[str, str] = {}  # Tune trial id -> the outcome tag sent with its last epoch
 
     def setup(self, **info: Any) -> None:
         self.tracker = SweepTracker.attach(self.sweep)
@@ -163,8 +164,10 @@ class MlflowRuns(Callback):
             self.logged[trial.trial_id] = self.tracker.last_step(run_id)
         if step > self.logged[trial.trial_id]:
             finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-            nodes = {key: str(result[key]) for key in ("node_ip", "node_id") if step == 1 and result.get(key)}
-            self.tracker.log_metrics(run_id, finite, step, tags=nodes)  # one request per epoch
+            tags = {key: str(result[key]) for key in ("node_ip", "node_id") if step == 1 and result.get(key)}
+            if result.get(OUTCOME_KEY) is not None:  # the last epoch: its outcome travels in the same request
+                tags[TAG_OUTCOME] = self._outcome[trial.trial_id] = str(Outcome(result[OUTCOME_KEY]))
+            self.tracker.log_metrics(run_id, finite, step, tags=tags)  # one request per epoch
             self.logged[trial.trial_id] = step
         else:
             log.info("trial %s repeated epoch %d from an older checkpoint; MLflow already has it", trial, step)
@@ -197,7 +200,8 @@ class MlflowRuns(Callback):
     def _finish(self, trial: Trial, outcome: Outcome, status: str, tags: dict[str, str]) -> None:
         run_id = self._run_id(trial)
         assert self.tracker is not None
-        self.tracker.set_tags(run_id, {TAG_OUTCOME: str(outcome), **tags})
+        if tags or self._outcome.get(trial.trial_id) != str(outcome):  # else it went with the last epoch
+            self.tracker.set_tags(run_id, {TAG_OUTCOME: str(outcome), **tags})
         self.tracker.end_run(run_id, status)
 
 
