@@ -289,11 +289,13 @@ def save(results: Path | None, rows: Sequence[dict[str, Any]]) -> None:
 
 def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, env: dict[str, str], cost: float,
              rate: int, results: Path | None, at_once: int = CONCURRENCY,
-             checkpointed: bool = False) -> list[dict[str, Any]]:
+             checkpointed: bool = False, checkpoint_every: int = 1) -> list[dict[str, Any]]:
     """sweep.py on each store, then the bare Tuner, for `n` trials, `at_once` at a time; each run saved to
-    `results` as it ends."""
+    `results` as it ends. `checkpoint_every`: the spec's (ours' trials checkpoint every that many epochs)."""
     spec = tmp / f"scaling-n{n}.yaml"
-    spec.write_text(SPEC.format(trials=n, images=IMAGES, epochs=EPOCHS, concurrency=at_once, device="cpu"))
+    spec.write_text(SPEC.format(trials=n, images=IMAGES, epochs=EPOCHS, concurrency=at_once, device="cpu") +
+                    (f"checkpoint_every: {checkpoint_every}\n" if checkpoint_every != 1 else ""))
+    ours = "sweep.py" + (f", checkpoint_every {checkpoint_every}" if checkpoint_every != 1 else "")
     timeout = 600 + 10 * n
     out = []
     for name in names:
@@ -307,11 +309,11 @@ def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, e
         proc = timed_run([sys.executable, str(ROOT / "sweep.py"), str(spec), "--tracking-uri", store.uri,
                           "--storage", str(work / "results"), "--ray-temp-dir", str(work / "ray")],
                          work, env, timeout, profile_hz=rate, store_roots=store.roots())
-        r = row(n, "sweep.py", name, proc, work / "results", cost)
+        r = row(n, ours, name, proc, work / "results", cost)
         r.update(estimates=estimates, id=f"{tmp.name}-n{n}-{name}", run=tmp.name, slots=at_once)
         out.append(r)
         save(results, out)
-        print(f"  N={n} sweep.py ({name}): wall {proc.wall_s:.1f} s", flush=True)
+        print(f"  N={n} {ours} ({name}): wall {proc.wall_s:.1f} s", flush=True)
         shutil.rmtree(work / "ray", ignore_errors=True)
         shutil.rmtree(work / "results", ignore_errors=True)
     for path, extra in [(BARE, []), *([(BARE_CHECKPOINTS, ["--checkpoints"])] if checkpointed else [])]:
@@ -383,15 +385,17 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
 def print_goals(rows: list[dict[str, Any]]) -> None:
     """Per-trial overhead at the largest N vs N = 50, and vs the bare Tuner at each N."""
     lines = []
-    for store, commit, k in sorted({(r["store"], r.get("commit", "?"), slots(r)) for r in rows if r["store"] != "-"}):
+    for store, path, commit, k in sorted({(r["store"], r["path"], r.get("commit", "?"), slots(r)) for r in rows
+                                          if r["store"] != "-"}):
         ours = {r["n"]: r for r in rows  # last run wins
-                if r["store"] == store and r.get("commit", "?") == commit and slots(r) == k}
+                if r["store"] == store and r["path"] == path and r.get("commit", "?") == commit and slots(r) == k}
         small = ours.get(50) or ours[min(ours)]
         for n in sorted(ours):
             r, bare = ours[n], bare_of(rows, ours[n])
             growth = per_trial_s(r) / per_trial_s(small)
             versus = per_trial_s(r) / per_trial_s(bare) if bare else float("nan")
-            lines.append([store, f"{n:,}", str(k), f"{per_trial_s(r):.2f}", f"{per_trial_s(bare):.2f}" if bare else "-",
+            label = store if path == "sweep.py" else f"{store} ({path.removeprefix('sweep.py, ')})"
+            lines.append([label, f"{n:,}", str(k), f"{per_trial_s(r):.2f}", f"{per_trial_s(bare):.2f}" if bare else "-",
                           f"{growth:.2f} ({'met' if growth <= GOAL else 'not met'})",
                           f"{versus:.2f} ({'met' if versus <= GOAL else 'not met'})",
                           f"{1000 * r['driver_cpu_s'] / n:.0f}", f"{r['when']} ({commit})"])
@@ -420,6 +424,9 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=CONCURRENCY,
                    help=f"trials at once (default {CONCURRENCY}: both cores; 1 leaves a core to the driver, as a "
                         "cluster's head node does)")
+    p.add_argument("--checkpoint-every", type=int, default=1,
+                   help=f"ours' trials checkpoint every this many epochs (the spec's checkpoint_every; {EPOCHS} or "
+                        "more: only the last epoch)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill PID`: stop the run and the servers cleanly
     if args.show:
@@ -451,7 +458,7 @@ def main() -> int:
     with stores(names, tmp) as found:
         for n in sizes:
             rows += run_size(n, names, found, tmp, env, median(costs), args.rate, args.results, args.concurrency,
-                             args.checkpointed_bare)
+                             args.checkpointed_bare, args.checkpoint_every)
     costs += known_cost(spec, 3)
     cost = median(costs)
     print(f"  known cost C of one trial (fit() in-process, 1 thread, alone): median {cost:.2f} s (range "
