@@ -4,10 +4,13 @@ A sweep must outlive its tracking server: on a cluster that is an `mlflow server
 now and then. Every write of the driver goes through one `Outbox` per (store, sweep): a bounded FIFO applied by one
 thread. A write returns as soon as it is queued (write-behind): Tune hands a trial its next step only after the
 driver has handled its last result, so a driver waiting on MLflow (~40 ms a request on SQLite, more behind a server)
-is a trial waiting too (benchmarks/scaling.py measured it). Reads (`SweepTracker._read`) wait for the queue first, so
-the driver always reads what it wrote. A SIGKILLed driver loses what was still queued: with a healthy store that is
-the last few writes, and an epoch among them that a later Tune snapshot already covers stays missing from that
-run's history (the trial's final metrics and outcome are written when it ends, after its last epoch).
+is a trial waiting too (benchmarks/scaling.py measured it). Writes to one run that are queued within `LINGER_S` of
+each other go as one request (a trial's create and params with its first epochs, epochs that follow each other
+closely): each request costs the driver CPU whatever its size. Reads (`SweepTracker._read`) wait for the queue
+first, without lingering, so the driver always reads what it wrote. A SIGKILLed driver loses what was still queued:
+with a healthy store that is the last second or so of writes, and an epoch among them that a later Tune snapshot
+already covers stays missing from that run's history (the trial's outcome is written again when a resumed sweep
+ends it; its epochs are not).
 Once a write fails with a transient error (connection refused, HTTP 5xx, a locked SQLite file, Postgres
 restarting), later writes queue behind it; the head of the queue is retried with back-off until it is stored.
 When the store stays away longer than the give-up deadline the queue is saved to a spool file, the sweep is stopped
@@ -54,6 +57,12 @@ DEFAULT_GIVE_UP_S = 600.0  # 10 minutes of a store that does not answer: longer 
 SPOOL_ENV = "RESNET_LAB_TRACKING_SPOOL"  # directory of the spool files (default ~/.cache/resnet_lab/tracking-spool)
 MAX_PENDING = 10_000  # queued writes (about one per trial-epoch): past this, callers wait (back-pressure, no loss)
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)  # between retries of the head write; 15 s: a returning server is seen soon
+# A run's write waits up to this long in the queue for more writes to the same run, sent with it in one request (a
+# trial's epochs of a second or less, its params and first epoch). Each request costs the driver ~25 ms of CPU on
+# SQLite whatever its size, CPU the trials share on a small machine (benchmarks/README.md). Reads and the sweep's
+# end do not wait for it; an epoch reaches the MLflow UI at most this much later.
+LINGER_S = 1.0
+BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}  # per log_batch request (MLflow's limits)
 TAG_TRIAL_ID = "resnet_lab.trial_id"
 PENDING_PREFIX = "trial:"  # a trial run not created yet is named by its trial id until it is
 # MLflow error codes that no retry can fix (the request itself is wrong); any other failure is retried.
@@ -110,6 +119,23 @@ class Write:
     run: str
     args: dict[str, Any]
     attempts: int = 0  # failed tries so far (replays from a spool count as tried: they may be stored already)
+    queued_at: float = 0.0  # time.monotonic() when put (0: a replay, sent without lingering)
+
+    def absorb(self, later: Write) -> bool:
+        """Take `later`'s metrics, params and tags into this write (a batch, or a trial's create whose params
+        follow it) when the sum fits one `log_batch`; False when it does not (nothing changes)."""
+        if self.op not in ("batch", "create_trial") or later.op != "batch" or self.attempts or later.attempts:
+            return False
+        a, b = self.args, later.args
+        sizes = {key: len(a.get(key, [])) + len(b.get(key, [])) for key in ("metrics", "params")}
+        sizes["tags"] = len(a.get("more_tags" if self.op == "create_trial" else "tags", [])) + len(b.get("tags", []))
+        if any(sizes[k] > BATCH_LIMITS[k] for k in sizes) or sum(sizes.values()) > BATCH_LIMITS["metrics"]:
+            return False
+        tags_key = "more_tags" if self.op == "create_trial" else "tags"  # a create's own tags go with the run
+        for key, into in (("metrics", "metrics"), ("params", "params"), ("tags", tags_key)):
+            if b.get(key):
+                a[into] = [*a.get(into, []), *b[key]]
+        return True
 
     def to_json(self) -> str:
         return json.dumps({"op": self.op, "run": self.run, "args": self.args, "attempts": max(1, self.attempts)})
@@ -128,13 +154,15 @@ class Outbox:
         self.give_up_s = give_up_s()
         self.spool = spool_path(parent_id)
         self.run_ids: dict[str, str] = {}  # trial:<id> -> run id
-        self.stats = {"stored": 0, "retries": 0, "replayed": 0, "dropped": 0, "spooled": 0, "max_pending": 0}
+        self.stats = {"stored": 0, "retries": 0, "replayed": 0, "dropped": 0, "spooled": 0, "max_pending": 0,
+                      "merged": 0}
         self.failing_since: float | None = None  # monotonic time of the current streak's first failure
         self.last_error = ""
         self.given_up = False
         self._queue: deque[Write] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._flushing = 0  # callers waiting in flush(): the head is sent without lingering
         self._thread = threading.Thread(target=self._run, name=f"mlflow-outbox-{parent_id[:8]}", daemon=True)
         self._thread.start()
 
@@ -147,6 +175,7 @@ class Outbox:
             if self.given_up:
                 self._append_spool([write])
                 return
+            write.queued_at = write.queued_at or time.monotonic()
             self._queue.append(write)
             self.stats["max_pending"] = max(self.stats["max_pending"], len(self._queue))
             self._cond.notify_all()
@@ -159,7 +188,12 @@ class Outbox:
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every queued write is stored; False when given up (the writes are in the spool) or timed out."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._queue or self.given_up, timeout=timeout_s)
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                self._cond.wait_for(lambda: not self._queue or self.given_up, timeout=timeout_s)
+            finally:
+                self._flushing -= 1
             return not self._queue and not self.given_up
 
     def wait_until(self, condition: Callable[[Outbox], bool], timeout_s: float) -> bool:
@@ -221,7 +255,7 @@ class Outbox:
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:
                     return
-                head = self._queue[0]
+                head = self._coalesced()
             error: BaseException | None = None
             try:
                 self._apply(head)
@@ -259,6 +293,32 @@ class Outbox:
                             self.give_up_s - (now - self.failing_since))
                 streak += 1
                 self._cond.wait(max(0.05, delay))
+
+    def _coalesced(self) -> Write:
+        """The head of the queue, with the later writes to its run merged into it (called with the lock held).
+
+        A new batch (or trial create) waits up to `LINGER_S` for more, unless someone is flushing or closing. Only
+        batches merge, and none across another kind of write to the same run (an end, a file), so each run's writes
+        keep their order; writes to other runs are independent. The merged write replaces its parts in the queue:
+        a retry or a spool holds exactly what was tried.
+        """
+        head = self._queue[0]
+        if head.attempts or head.op not in ("batch", "create_trial"):
+            return head
+        self._cond.wait_for(lambda: self._flushing or self._closed or len(self._queue) >= MAX_PENDING,
+                            timeout=max(0.0, head.queued_at + LINGER_S - time.monotonic()) if head.queued_at else 0)
+        absorbed = set()
+        for later in list(self._queue)[1:]:
+            if later.run != head.run:
+                continue  # another run's write: independent of this one
+            if not head.absorb(later):
+                break  # an end or a file of this run, or a full request: later writes wait their turn
+            absorbed.add(id(later))
+        if absorbed:
+            self.stats["merged"] += len(absorbed)
+            self._queue = deque(w for w in self._queue if id(w) not in absorbed)
+            self._cond.notify_all()  # room in the queue
+        return head
 
     def _give_up(self) -> None:
         """Save the queue to the spool and stop the sweep as Ctrl-C would (called with the lock held)."""
@@ -339,8 +399,18 @@ class Outbox:
             run_id = run.info.run_id
         self.run_ids[w.run] = run_id
         params = [Param(k, v) for k, v in a["params"]]
-        for start in range(0, len(params), 100):  # MLflow's limit per request; an identical re-log is accepted
-            self.client.log_batch(run_id, params=params[start:start + 100])
+        # Epochs and tags queued behind the create were merged into it (`Write.absorb`): they go with the last
+        # request of params. An identical param re-logged by a retry is accepted.
+        metrics = [Metric(k, v, ts, step) for k, v, ts, step in a.get("metrics", [])]
+        if metrics and w.attempts and self._stored(run_id, metrics[0]):
+            metrics = []  # an earlier try reached the store (see the module doc)
+        tags = [RunTag(k, v) for k, v in a.get("more_tags", [])]
+        size = BATCH_LIMITS["params"]
+        chunks = [params[start:start + size] for start in range(0, len(params), size)] or [[]]
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            if chunk or (last and (metrics or tags)):
+                self.client.log_batch(run_id, params=chunk, metrics=metrics if last else [], tags=tags if last else [])
 
 
 _outboxes: dict[tuple[str, str], Outbox] = {}

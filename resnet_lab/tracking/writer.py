@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from resnet_lab.tracking.outbox import (
+    BATCH_LIMITS,
     PENDING_PREFIX,
     Outbox,
     TrackingUnavailable,
@@ -49,7 +50,6 @@ TAG_ERROR = "error"
 TAG_RETRIES = "retries"  # how often the trial's process failed and was resumed from its checkpoint
 TAG_RESUMED_FROM = "resumed_from_epoch"  # the checkpoint epoch the trial's latest process continued from
 TAG_DISCARDED = "resnet_lab.discarded"  # why a run was soft-deleted (a trial the resumed sweep never knew of)
-BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}  # per log_batch request (MLflow's limits)
 
 
 def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str:
