@@ -135,9 +135,12 @@ def interrupt_after_first_trials(tmp: Path, spec: Path, sig: signal.Signals,
 def assert_resumed_from_checkpoints(after: dict[str, Any], saved: dict[str, int], epochs: int) -> None:
     """Each trial that Tune's saved state (what --resume read) held mid-way with a checkpoint continued from it,
     not from scratch: its run carries `resumed_from_epoch` >= that checkpoint's epoch (a retry may move it on),
-    and < `epochs` (a trial resumed from its last epoch has nothing left to train and reports nothing)."""
-    assert saved, "no unfinished trial held a checkpoint when the sweep was stopped: the test proves nothing"
-    for trial_id, epoch in saved.items():
+    and < `epochs`. A trial whose saved checkpoint is its last epoch (stopped between its last report and Tune
+    marking it done) has nothing left to train and reports nothing: the complete record checks it."""
+    mid_way = {trial_id: epoch for trial_id, epoch in saved.items() if epoch < epochs}
+    assert mid_way, f"no unfinished trial held a mid-way checkpoint when the sweep was stopped ({saved}): the " \
+                    "test proves nothing"
+    for trial_id, epoch in mid_way.items():
         tags = after[trial_id].data.tags
         assert TAG_RESUMED in tags, f"{trial_id} restarted from scratch (no {TAG_RESUMED} tag; checkpoint: {epoch})"
         assert epoch <= int(tags[TAG_RESUMED]) < epochs, (trial_id, tags[TAG_RESUMED], epoch)
@@ -147,7 +150,7 @@ def assert_resumed_from_checkpoints(after: dict[str, Any], saved: dict[str, int]
 def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_sweep(tmp_path: Path) -> None:
     # 4x the images per epoch: a trial lasts a few seconds, not under two, so the Ctrl-C sent once a running trial
     # has an epoch in MLflow still finds it running (it once ended first, and the saved state held no checkpoint).
-    spec = write_spec(tmp_path, "sigint", train_size=4096)
+    spec = write_spec(tmp_path, "sigint", train_size=4096, samples=2)
     rc, out, err = interrupt_after_first_trials(tmp_path, spec, signal.SIGINT, mid_trial=True)
     assert rc == 130, out + err
     assert "continue with:" in out and "--resume" in out and "Traceback" not in err
@@ -161,7 +164,7 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_sweep(tmp_path: Path)
     resumed = subprocess.run(sweep_cmd(tmp_path, spec, "--resume"), cwd=tmp_path, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert_complete_record(tmp_path, "sigint", planned=6, epochs=5)
+    assert_complete_record(tmp_path, "sigint", planned=4, epochs=5)
     after = trial_runs(tmp_path, "sigint")
     # Finished trials were not re-run: the same run, its end time untouched to the millisecond, never resumed.
     for trial_id, before in finished.items():
@@ -172,6 +175,9 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_sweep(tmp_path: Path)
     assert_resumed_from_checkpoints(after, saved, epochs=5)
 
 
+# soak: test_storage_resume's S3 test in the default run kills the driver and resumes the same way (from a bucket);
+# the Ctrl-C test covers resume from a local path
+@pytest.mark.soak
 @pytest.mark.timeout(1500)
 def test_sigkill_of_the_driver_then_resume_reattaches_runs(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, "sigkill")
@@ -179,9 +185,9 @@ def test_sigkill_of_the_driver_then_resume_reattaches_runs(tmp_path: Path) -> No
     # trial once ended between two saves and no saved state ever held a running trial. Save every second instead.
     driver = Watched(sweep_cmd(tmp_path, spec), tmp_path, env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
     driver.wait_for_line("[2/", timeout_s=300)
-    # Kill only once Tune's saved state (what --resume reads) holds a checkpoint of a trial still training.
-    wait_until(lambda: snapshot_checkpoints(tmp_path / "ray_results", "sigkill"), 180,
-               "a saved experiment state with a checkpoint of a running trial",
+    # Kill only once Tune's saved state (what --resume reads) holds a mid-way checkpoint of a trial still training.
+    wait_until(lambda: any(epoch < 5 for epoch in snapshot_checkpoints(tmp_path / "ray_results", "sigkill").values()),
+               180, "a saved experiment state with a mid-way checkpoint of a running trial",
                retry_on=(OSError, ValueError, KeyError))
     orphans = descendants(driver.pid)  # local Ray's GCS, raylet and workers, which outlive a SIGKILLed driver
     driver.proc.kill()
@@ -213,11 +219,15 @@ def test_sigterm_is_a_clean_stop_and_a_plain_rerun_is_a_new_sweep(tmp_path: Path
     _, kids = runs(tmp_path, "sigterm")
     assert all(k.info.status != "RUNNING" for k in kids)
 
-    again = subprocess.run(sweep_cmd(tmp_path, spec), cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "did not finish; this starts a new sweep" in again.stdout and "--resume" in again.stdout
+    # A plain rerun says so and starts a new sweep (its own parent run); once it has, a SIGTERM stops it as well.
+    again = start(tmp_path, sweep_cmd(tmp_path, spec))
+    again.wait_for_line("did not finish; this starts a new sweep", timeout_s=300)
+    again.wait_for_line("[1/", timeout_s=300)
+    again.proc.send_signal(signal.SIGTERM)
+    rc, out, err = again.finish(timeout_s=180)
+    assert rc == 130 and "--resume" in out, out + err
     parents, _ = runs(tmp_path, "sigterm")
-    assert len(parents) == 2
+    assert len(parents) == 2 and {p.info.status for p in parents} == {"KILLED"}
 
 
 @pytest.mark.timeout(1200)
