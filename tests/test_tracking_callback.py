@@ -19,7 +19,7 @@ from ray.tune.experiment import Trial
 from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.spec.cells import Cell
 from resnet_lab.spec.load import load_spec
-from resnet_lab.tracking import GIVE_UP_ENV, SPOOL_ENV, SweepTracker
+from resnet_lab.tracking import GIVE_UP_ENV, SPOOL_ENV, SweepTracker, outbox
 from resnet_lab.tune.callbacks import sweep_callbacks
 from resnet_lab.tune.checkpoints import CheckpointPruner
 
@@ -172,6 +172,24 @@ def test_a_resumed_sweeps_live_view_starts_at_the_trials_that_had_ended(tmp_path
     callbacks = pickle.loads(pickle.dumps(sweep_callbacks(tracker.ref, cells, None, (5, "val/acc", "max"))))
     started(callbacks, trials)
     assert callbacks[2].view.done == 2 and callbacks[2].view.total == 5
+
+
+def test_tune_saving_its_state_stores_the_queued_writes_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outbox, "LINGER_S", 3600.0)  # left alone, a write would wait an hour for company
+    uri, tracker, cells = new_sweep(tmp_path)
+    (cell,) = cells
+    callbacks = started(sweep_callbacks(tracker.ref, cells, None, None), [])
+    trial = Trial("train_trial", config={"cell": cell, "stage": "search", "seed": 0, "trainer.lr": 0.001},
+                  trial_id="t0001", stub=True)
+    callbacks.on_trial_start(iteration=1, trials=[trial], trial=trial)
+    callbacks.on_trial_result(iteration=1, trials=[trial], trial=trial, result=result(1, 0.5))
+    assert tracker.outbox.pending() == 2  # the run's create and its epoch, lingering
+    # What TuneController.save_to_dir does after taking the trials' state and before uploading it.
+    assert callbacks.get_state() is None  # no state of its own: Tune writes no callback file
+    assert tracker.outbox.pending() == 0
+    client = MlflowClient(uri)  # read directly: a tracker's read would flush the queue itself
+    (run,) = client.search_runs([tracker.experiment_id], filter_string="tags.resnet_lab.trial_id = 't0001'")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [1]
 
 
 def test_checkpoint_pruner_deletes_only_what_a_snapshot_taken_long_enough_ago_has_moved_past(tmp_path: Path) -> None:

@@ -154,6 +154,16 @@ class SweepTracker:
         """Wait until every queued write is stored; False when the store was given up on (writes spooled)."""
         return self.parent_id is None or self.outbox.flush(timeout_s)
 
+    def settle(self, timeout_s: float = 30.0) -> bool:
+        """Store what is queued while the store answers; return at once while it does not (the writes stay queued,
+        retried, and spooled at a give-up). True when nothing is left queued."""
+        if self.parent_id is None:
+            return True
+        box = self.outbox
+        if box.failing_since is not None or box.given_up:
+            return False
+        return box.flush(timeout_s)
+
     def check_writable(self) -> None:
         """Write an experiment tag: fails now, not mid-sweep, when the store is read-only."""
         self.client.set_experiment_tag(self.experiment_id, "resnet_lab.last_checked", time.strftime("%FT%T"))

@@ -124,6 +124,16 @@ class MlflowRuns(Callback):
         if self.restored is None:  # a new sweep has no trials yet at its first step; a resumed one has its own
             self.restored = frozenset(t.trial_id for t in trials)
 
+    def get_state(self) -> dict | None:
+        """Tune calls this as it saves the experiment state (`TuneController.save_to_dir`), after taking the
+        trials' state and before uploading it: the writes queued so far (every result in that state) are stored
+        first. So the state a `--resume` restores never holds an epoch MLflow lacks, even after a SIGKILL (the
+        outbox lingers and writes behind). While the store is away nothing waits: those writes are buffered and
+        spooled at a give-up. No state of its own: None (Tune then writes no callback file)."""
+        if self.tracker is not None:
+            self.tracker.settle()
+        return None
+
     def _run_id(self, trial: Trial) -> str:
         assert self.tracker is not None, "Tune calls setup() first"
         if trial.trial_id not in self.runs:
