@@ -7,10 +7,10 @@ driver has handled its last result, so a driver waiting on MLflow (~40 ms a requ
 is a trial waiting too (benchmarks/scaling.py measured it). Writes to one run that are queued within `LINGER_S` of
 each other go as one request (a trial's create and params with its first epochs, epochs that follow each other
 closely): each request costs the driver CPU whatever its size. Reads (`SweepTracker._read`) wait for the queue
-first, without lingering, so the driver always reads what it wrote. A SIGKILLed driver loses what was still queued:
-with a healthy store that is the last second or so of writes, and an epoch among them that a later Tune snapshot
-already covers stays missing from that run's history (the trial's outcome is written again when a resumed sweep
-ends it; its epochs are not).
+first, without lingering, so the driver always reads what it wrote. A SIGKILLed driver loses what was still queued
+(with a healthy store, about the last second of writes), but Tune saves its experiment state only after the queue
+is stored (`MlflowRuns.get_state`), so those writes are of results newer than any state `--resume` restores: the
+resumed trials report them again. (Not while the store is away: nothing waits for it then.)
 Once a write fails with a transient error (connection refused, HTTP 5xx, a locked SQLite file, Postgres
 restarting), later writes queue behind it; the head of the queue is retried with back-off until it is stored.
 When the store stays away longer than the give-up deadline the queue is saved to a spool file, the sweep is stopped
