@@ -134,6 +134,26 @@ def test_a_trials_writes_queued_together_go_as_one_request_and_a_read_does_not_w
     assert history(MlflowClient(uri), run.info.run_id) == [1, 2, 3, 4]
 
 
+def test_writes_merge_only_into_one_valid_log_batch() -> None:
+    def batch(metrics: int = 0, params: tuple[str, ...] = (), tags: int = 0) -> outbox.Write:
+        return outbox.Write("batch", "r1", {"metrics": [["m", 1.0, 0, i] for i in range(metrics)],
+                                            "params": [[k, "1"] for k in params],
+                                            "tags": [[f"t{i}", "x"] for i in range(tags)]})
+
+    head = batch(metrics=990)
+    assert not head.absorb(batch(metrics=20)) and len(head.args["metrics"]) == 990  # past 1,000 entities
+    assert head.absorb(batch(metrics=10)) and len(head.args["metrics"]) == 1000
+    assert not batch(tags=60).absorb(batch(tags=41))  # past 100 tags
+    assert not batch(params=("lr",)).absorb(batch(params=("lr",)))  # MLflow refuses a param named twice
+    create = outbox.Write("create_trial", "trial:t1", {"run_name": "t1", "params": [["lr", "0.1"]], "tags": {}})
+    assert create.absorb(batch(metrics=3, tags=1))
+    assert len(create.args["metrics"]) == 3 and create.args["more_tags"] == [["t0", "x"]]  # after the create
+    assert not create.absorb(outbox.Write("terminate", "trial:t1", {"status": "FINISHED"}))
+    tried = batch(metrics=1)
+    tried.attempts = 1
+    assert not tried.absorb(batch(metrics=1))  # a write that failed is retried exactly as it was
+
+
 def test_a_store_that_never_returns_spools_its_writes_and_a_resume_stores_them_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SPOOL_ENV, str(tmp_path / "spool"))

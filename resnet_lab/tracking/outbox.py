@@ -131,6 +131,8 @@ class Write:
         sizes["tags"] = len(a.get("more_tags" if self.op == "create_trial" else "tags", [])) + len(b.get("tags", []))
         if any(sizes[k] > BATCH_LIMITS[k] for k in sizes) or sum(sizes.values()) > BATCH_LIMITS["metrics"]:
             return False
+        if {k for k, _ in a.get("params", [])} & {k for k, _ in b.get("params", [])}:
+            return False  # MLflow refuses a batch naming a param twice (a tag named twice: the later one wins)
         tags_key = "more_tags" if self.op == "create_trial" else "tags"  # a create's own tags go with the run
         for key, into in (("metrics", "metrics"), ("params", "params"), ("tags", tags_key)):
             if b.get(key):
