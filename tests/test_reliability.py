@@ -150,7 +150,7 @@ def assert_resumed_from_checkpoints(after: dict[str, Any], saved: dict[str, int]
 def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_sweep(tmp_path: Path) -> None:
     # 4x the images per epoch: a trial lasts a few seconds, not under two, so the Ctrl-C sent once a running trial
     # has an epoch in MLflow still finds it running (it once ended first, and the saved state held no checkpoint).
-    spec = write_spec(tmp_path, "sigint", train_size=4096, samples=2)
+    spec = write_spec(tmp_path, "sigint", train_size=4096)
     rc, out, err = interrupt_after_first_trials(tmp_path, spec, signal.SIGINT, mid_trial=True)
     assert rc == 130, out + err
     assert "continue with:" in out and "--resume" in out and "Traceback" not in err
@@ -164,7 +164,7 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_sweep(tmp_path: Path)
     resumed = subprocess.run(sweep_cmd(tmp_path, spec, "--resume"), cwd=tmp_path, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert_complete_record(tmp_path, "sigint", planned=4, epochs=5)
+    assert_complete_record(tmp_path, "sigint", planned=6, epochs=5)
     after = trial_runs(tmp_path, "sigint")
     # Finished trials were not re-run: the same run, its end time untouched to the millisecond, never resumed.
     for trial_id, before in finished.items():

@@ -158,7 +158,7 @@ class Outbox:
         self.run_ids: dict[str, str] = {}  # trial:<id> -> run id
         self.stats = {"stored": 0, "retries": 0, "replayed": 0, "dropped": 0, "spooled": 0, "max_pending": 0,
                       "merged": 0}
-        self.failing_since: float | None = None  # monotonic time of the current streak's first failure
+        self.failing_since: float | None = None  # when the current outage began: its first unanswered request
         self.last_error = ""
         self.given_up = False
         self._queue: deque[Write] = deque()
@@ -259,6 +259,7 @@ class Outbox:
                     return
                 head = self._coalesced()
             error: BaseException | None = None
+            asked_at = time.monotonic()  # an outage is counted from the first unanswered request's start
             try:
                 self._apply(head)
             except Exception as exc:  # MLflow raises MlflowException, requests' and SQLAlchemy's errors, OSError
@@ -284,7 +285,9 @@ class Outbox:
                 self.last_error = describe(error)
                 now = time.monotonic()
                 if self.failing_since is None:
-                    self.failing_since = now
+                    # When it was asked, not when it failed: a locked SQLite store answers only after MLflow's
+                    # 20 s busy timeout, and "has not answered for N s" should mean N s.
+                    self.failing_since = asked_at
                     log.warning("MLflow at %s is not answering (%s); buffering writes and retrying for up to %.0f s",
                                 self.uri, self.last_error, self.give_up_s)
                 self._cond.notify_all()
