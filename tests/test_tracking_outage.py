@@ -115,20 +115,21 @@ def test_a_trials_writes_queued_together_go_as_one_request_and_a_read_does_not_w
     assert tracker.flush()
     box = tracker.outbox
     stored = box.stats["stored"]
+    monkeypatch.setattr(outbox, "LINGER_S", 3600.0)  # left alone, a write would wait an hour for company
     # A short trial as MlflowRuns writes it: create with params, 3 epochs (the outcome tag with the last), end.
     handle = tracker.start_trial("t1", "trial-1", {"lr": 0.1, "depth": 8}, {"resnet_lab.cell": "c"})
     for epoch in (1, 2, 3):
         tracker.log_metrics(handle, {"val/acc": 0.1 * epoch, "epoch": epoch}, epoch,
                             tags={"resnet_lab.outcome": "completed"} if epoch == 3 else None)
     tracker.end_run(handle, "FINISHED")
-    assert tracker.flush(timeout_s=60)
+    # Nothing more can join a run once its end is queued: stored without a flush, long before the linger is up.
+    assert box.wait_until(lambda b: b.pending() == 0, timeout_s=60)
     assert box.stats["stored"] - stored == 2 and box.stats["merged"] == 3  # create + 3 epochs, then the end
     (run,) = tracker.children()
     assert history(MlflowClient(uri), run.info.run_id) == [1, 2, 3] and run.info.status == "FINISHED"
     assert run.data.params == {"lr": "0.1", "depth": "8"} and run.data.tags["resnet_lab.outcome"] == "completed"
     assert run.data.tags["resnet_lab.cell"] == "c"
-    # A read (here: a flush) does not wait out the linger: with an hour's linger it still returns.
-    monkeypatch.setattr(outbox, "LINGER_S", 3600.0)
+    # A read (here: a flush) does not wait out the linger either.
     tracker.log_metrics(run.info.run_id, {"val/acc": 0.5, "epoch": 4}, 4)
     assert tracker.flush(timeout_s=60)
     assert history(MlflowClient(uri), run.info.run_id) == [1, 2, 3, 4]

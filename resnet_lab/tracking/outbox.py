@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -302,15 +303,21 @@ class Outbox:
     def _coalesced(self) -> Write:
         """The head of the queue, with the later writes to its run merged into it (called with the lock held).
 
-        A new batch (or trial create) waits up to `LINGER_S` for more, unless someone is flushing or closing. Only
-        batches merge, and none across another kind of write to the same run (an end, a file), so each run's writes
-        keep their order; writes to other runs are independent. The merged write replaces its parts in the queue:
-        a retry or a spool holds exactly what was tried.
+        A new batch (or trial create) waits up to `LINGER_S` for more, unless someone is flushing or closing, or its
+        run has an end or a file queued (nothing more can join it: a finished trial shows as finished at once).
+        Only batches merge, and none across another kind of write to the same run, so each run's writes keep their
+        order; writes to other runs are independent. The merged write replaces its parts in the queue: a retry or
+        a spool holds exactly what was tried.
         """
         head = self._queue[0]
         if head.attempts or head.op not in ("batch", "create_trial"):
             return head
-        self._cond.wait_for(lambda: self._flushing or self._closed or len(self._queue) >= MAX_PENDING,
+
+        def done_waiting() -> bool:
+            return bool(self._flushing or self._closed or len(self._queue) >= MAX_PENDING
+                        or any(w.run == head.run and w.op != "batch" for w in itertools.islice(self._queue, 1, None)))
+
+        self._cond.wait_for(done_waiting,
                             timeout=max(0.0, head.queued_at + LINGER_S - time.monotonic()) if head.queued_at else 0)
         absorbed = set()
         for later in list(self._queue)[1:]:
