@@ -115,8 +115,10 @@ def snapshot_checkpoints(storage: Path, name: str) -> dict[str, int]:
 
 
 def running_trial_with_an_epoch(tmp: Path, name: str) -> bool:
-    """Whether a trial still running has logged (and so checkpointed) at least one epoch."""
-    return any(len(steps(tmp, k.info.run_id)) >= 1 for k in runs(tmp, name)[1] if k.info.status == "RUNNING")
+    """Whether a trial started after the first two (which have ended: their end may still be on its way to MLflow)
+    is running and has logged (and so checkpointed) at least one epoch."""
+    later = sorted(runs(tmp, name)[1], key=lambda k: k.info.start_time)[2:]
+    return any(len(steps(tmp, k.info.run_id)) >= 1 for k in later if k.info.status == "RUNNING")
 
 
 def interrupt_after_first_trials(tmp: Path, spec: Path, sig: signal.Signals,
