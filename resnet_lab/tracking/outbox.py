@@ -122,6 +122,11 @@ class Write:
     attempts: int = 0  # failed tries so far (replays from a spool count as tried: they may be stored already)
     queued_at: float = 0.0  # time.monotonic() when put (0: a replay, sent without lingering)
 
+    @property
+    def tags_key(self) -> str:
+        """Where this write's run tags are: a create's own `tags` go on the new run, merged ones after it."""
+        return "more_tags" if self.op == "create_trial" else "tags"
+
     def absorb(self, later: Write) -> bool:
         """Take `later`'s metrics, params and tags into this write (a batch, or a trial's create whose params
         follow it) when the sum fits one `log_batch`; False when it does not (nothing changes)."""
@@ -129,13 +134,12 @@ class Write:
             return False
         a, b = self.args, later.args
         sizes = {key: len(a.get(key, [])) + len(b.get(key, [])) for key in ("metrics", "params")}
-        sizes["tags"] = len(a.get("more_tags" if self.op == "create_trial" else "tags", [])) + len(b.get("tags", []))
+        sizes["tags"] = len(a.get(self.tags_key, [])) + len(b.get("tags", []))
         if any(sizes[k] > BATCH_LIMITS[k] for k in sizes) or sum(sizes.values()) > BATCH_LIMITS["metrics"]:
             return False
         if {k for k, _ in a.get("params", [])} & {k for k, _ in b.get("params", [])}:
             return False  # MLflow refuses a batch naming a param twice (a tag named twice: the later one wins)
-        tags_key = "more_tags" if self.op == "create_trial" else "tags"  # a create's own tags go with the run
-        for key, into in (("metrics", "metrics"), ("params", "params"), ("tags", tags_key)):
+        for key, into in (("metrics", "metrics"), ("params", "params"), ("tags", self.tags_key)):
             if b.get(key):
                 a[into] = [*a.get(into, []), *b[key]]
         return True
@@ -373,11 +377,7 @@ class Outbox:
                                   error_code=RESOURCE_DOES_NOT_EXIST)
         a = w.args
         if w.op == "batch":
-            metrics = [Metric(k, v, ts, step) for k, v, ts, step in a.get("metrics", [])]
-            if metrics and w.attempts and self._stored(run_id, metrics[0]):
-                metrics = []  # an earlier try reached the store (see the module doc)
-            params = [Param(k, v) for k, v in a.get("params", [])]
-            tags = [RunTag(k, v) for k, v in a.get("tags", [])]
+            metrics, params, tags = self._entities(run_id, w)
             if metrics or params or tags:
                 self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
         elif w.op == "text":
@@ -393,6 +393,15 @@ class Outbox:
             self.client.update_run(run_id, status=a["status"])
         else:
             raise AssertionError(f"unknown write {w.op}")
+
+    def _entities(self, run_id: str, w: Write) -> tuple[list[Metric], list[Param], list[RunTag]]:
+        """A batch's (or a create's merged) metrics, params and tags; metrics an earlier try stored left out."""
+        a = w.args
+        metrics = [Metric(k, v, ts, step) for k, v, ts, step in a.get("metrics", [])]
+        if metrics and w.attempts and self._stored(run_id, metrics[0]):
+            metrics = []  # an earlier try reached the store (see the module doc)
+        tags = [RunTag(k, v) for k, v in a.get(w.tags_key, [])]
+        return metrics, [Param(k, v) for k, v in a.get("params", [])], tags
 
     def _stored(self, run_id: str, metric: Metric) -> bool:
         history = self.client.get_metric_history(run_id, metric.key)
@@ -410,13 +419,9 @@ class Outbox:
                 MLFLOW_PARENT_RUN_ID: self.parent_id, MLFLOW_RUN_NAME: a["run_name"], **a["tags"]})
             run_id = run.info.run_id
         self.run_ids[w.run] = run_id
-        params = [Param(k, v) for k, v in a["params"]]
         # Epochs and tags queued behind the create were merged into it (`Write.absorb`): they go with the last
         # request of params. An identical param re-logged by a retry is accepted.
-        metrics = [Metric(k, v, ts, step) for k, v, ts, step in a.get("metrics", [])]
-        if metrics and w.attempts and self._stored(run_id, metrics[0]):
-            metrics = []  # an earlier try reached the store (see the module doc)
-        tags = [RunTag(k, v) for k, v in a.get("more_tags", [])]
+        metrics, params, tags = self._entities(run_id, w)
         size = BATCH_LIMITS["params"]
         chunks = [params[start:start + size] for start in range(0, len(params), size)] or [[]]
         for i, chunk in enumerate(chunks):
