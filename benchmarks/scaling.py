@@ -289,13 +289,14 @@ def save(results: Path | None, rows: Sequence[dict[str, Any]]) -> None:
 
 def run_size(n: int, names: Sequence[str], found: dict[str, Store], tmp: Path, env: dict[str, str], cost: float,
              rate: int, results: Path | None, at_once: int = CONCURRENCY,
-             checkpointed: bool = False, checkpoint_every: int = 1) -> list[dict[str, Any]]:
+             checkpointed: bool = False, checkpoint_every: str = "auto") -> list[dict[str, Any]]:
     """sweep.py on each store, then the bare Tuner, for `n` trials, `at_once` at a time; each run saved to
-    `results` as it ends. `checkpoint_every`: the spec's (ours' trials checkpoint every that many epochs)."""
+    `results` as it ends. `checkpoint_every`: the spec's (default "auto": by time, so these sub-second trials
+    checkpoint at their last epoch only; a number: every that many epochs)."""
     spec = tmp / f"scaling-n{n}.yaml"
     spec.write_text(SPEC.format(trials=n, images=IMAGES, epochs=EPOCHS, concurrency=at_once, device="cpu") +
-                    (f"checkpoint_every: {checkpoint_every}\n" if checkpoint_every != 1 else ""))
-    ours = "sweep.py" + (f", checkpoint_every {checkpoint_every}" if checkpoint_every != 1 else "")
+                    (f"checkpoint_every: {checkpoint_every}\n" if checkpoint_every != "auto" else ""))
+    ours = "sweep.py" + (f", checkpoint_every {checkpoint_every}" if checkpoint_every != "auto" else "")
     timeout = 600 + 10 * n
     out = []
     for name in names:
@@ -424,9 +425,10 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=CONCURRENCY,
                    help=f"trials at once (default {CONCURRENCY}: both cores; 1 leaves a core to the driver, as a "
                         "cluster's head node does)")
-    p.add_argument("--checkpoint-every", type=int, default=1,
-                   help=f"ours' trials checkpoint every this many epochs (the spec's checkpoint_every; {EPOCHS} or "
-                        "more: only the last epoch)")
+    p.add_argument("--checkpoint-every", default="auto",
+                   help="the spec's checkpoint_every for ours' trials: auto (the default: by time, so these trials "
+                        f"checkpoint their last epoch only) or every this many epochs (1: every epoch; {EPOCHS} or "
+                        "more: the last only)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill PID`: stop the run and the servers cleanly
     if args.show:

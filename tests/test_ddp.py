@@ -173,6 +173,8 @@ model: {name: resnet, depth: 8, width: 0.125}
 trainer: {epochs: 6, batch_size: 64, threads: 1}
 resources: {cpu: 1, workers: 2}
 max_failures: 2
+# every epoch: these tests resume from mid-trial checkpoints ("auto" saves sub-second epochs at the last only)
+checkpoint_every: 1
 """
 
 

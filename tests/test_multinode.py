@@ -178,6 +178,8 @@ grid:
 resources: {cpu: 1}
 max_concurrent: 2
 max_failures: 3
+# every epoch: these tests resume from mid-trial checkpoints ("auto" saves sub-second epochs at the last only)
+checkpoint_every: 1
 """
 
 

@@ -39,6 +39,8 @@ search:
 samples_per_cell: SAMPLES
 max_concurrent: 2
 max_failures: 2
+# every epoch: these tests resume from mid-trial checkpoints ("auto" saves sub-second epochs at the last only)
+checkpoint_every: EVERY
 """
 
 pytestmark = pytest.mark.slow
@@ -46,10 +48,10 @@ TAG_RESUMED = "resumed_from_epoch"
 
 
 def write_spec(tmp: Path, name: str, epochs: int = 5, samples: int = 3, extra: str = "",
-               train_size: int = 1024) -> Path:
+               train_size: int = 1024, checkpoint_every: int = 1) -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(SPEC.replace("NAME", name).replace("EPOCHS", str(epochs)).replace("SAMPLES", str(samples))
-                    .replace("TRAIN_SIZE", str(train_size)) + extra)
+                    .replace("TRAIN_SIZE", str(train_size)).replace("EVERY", str(checkpoint_every)) + extra)
     return path
 
 
@@ -235,7 +237,7 @@ def test_sigterm_is_a_clean_stop_and_a_plain_rerun_is_a_new_sweep(tmp_path: Path
 @pytest.mark.timeout(1200)
 def test_a_killed_trial_process_is_retried_from_its_checkpoint(tmp_path: Path) -> None:
     # A checkpoint every 3 epochs (and at the last): the retried trial repeats the epochs since its checkpoint.
-    spec = write_spec(tmp_path, "retry", epochs=8, samples=1, extra="checkpoint_every: 3\n")
+    spec = write_spec(tmp_path, "retry", epochs=8, samples=1, checkpoint_every=3)
     driver = start(tmp_path, sweep_cmd(tmp_path, spec))
 
     def both_trials_logged_three_epochs() -> bool:

@@ -49,6 +49,8 @@ search:
 samples_per_cell: 2
 max_concurrent: 2
 max_failures: 2
+# every epoch: these tests resume from mid-trial checkpoints ("auto" saves sub-second epochs at the last only)
+checkpoint_every: 1
 """
 TRIALS, EPOCHS = 4, 8
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,60 @@ def test_best_model_is_a_host_copy_and_checkpoints_load_on_cpu(tmp_path: Path) -
     loaded = TrainState.load(tmp_path)
     for name, tensor in state.model.items():
         assert torch.equal(loaded.model[name], tensor)
+
+
+class _Clock:
+    """A settable time for CheckpointClock."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _epoch(n: int, last: bool = False) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(epoch=n, status="completed" if last else None)
+
+
+def test_checkpoint_every_n_epochs_and_always_the_last() -> None:
+    from resnet_lab.tune.trainable import CheckpointClock
+
+    clock = CheckpointClock(3)
+    assert [n for n in range(1, 9) if clock.due(_epoch(n))] == [3, 6]
+    assert clock.due(_epoch(8, last=True)) and clock.due(_epoch(1, last=True))
+
+
+def test_auto_checkpoints_by_time_bounded_by_the_last_checkpoints_cost() -> None:
+    from resnet_lab.tune.trainable import AUTO_COST_RATIO, AUTO_MIN_INTERVAL_S, CheckpointClock
+
+    now = _Clock()
+    clock = CheckpointClock("auto", now=now)
+    due_at: list[float] = []
+    for n in range(1, 60):  # 2 s epochs; a checkpoint costs 0.25 s at first, then 1.5 s (exact in binary)
+        now.t += 2.0
+        if clock.due(_epoch(n)):
+            due_at.append(now.t)
+            with clock.saving():
+                now.t += 0.25 if len(due_at) == 1 else 1.5
+    # Short epochs wait out the floor (10 s); a cheap checkpoint keeps the floor, a dear one stretches the interval
+    # to AUTO_COST_RATIO times its cost, measured from the end of the save.
+    assert len(due_at) >= 4 and due_at[0] == AUTO_MIN_INTERVAL_S
+    assert AUTO_MIN_INTERVAL_S <= due_at[1] - (due_at[0] + 0.25) < AUTO_MIN_INTERVAL_S + 2.0
+    for before, after in itertools.pairwise(due_at[1:]):
+        assert AUTO_COST_RATIO * 1.5 <= after - (before + 1.5) < AUTO_COST_RATIO * 1.5 + 2.0
+    assert clock.due(_epoch(60, last=True))  # the last epoch whatever the clock says
+
+
+def test_auto_checkpoints_every_epoch_when_epochs_are_long() -> None:
+    from resnet_lab.tune.trainable import CheckpointClock
+
+    now = _Clock()
+    clock = CheckpointClock("auto", now=now)
+    for n in range(1, 6):  # minute-long epochs, a 2 s checkpoint: every epoch
+        now.t += 60.0
+        assert clock.due(_epoch(n))
+        with clock.saving():
+            now.t += 2.0

@@ -165,12 +165,21 @@ class SweepSpec(StrictModel):
     time_budget_s: float | None = Field(None, gt=0)
     storage: str | None = None  # Ray's trial storage: a local dir (default ./ray_results) or s3:// gs:// URI
     max_failures: int = Field(2, ge=0, le=100)
-    # A trial checkpoints every this many epochs, and always at its last one. A retried or resumed trial repeats
-    # the epochs since its checkpoint (MLflow keeps each epoch's first record).
-    checkpoint_every: int = Field(1, ge=1, le=10_000)
+    # A trial checkpoints every this many epochs, or with "auto" by time (resnet_lab.tune.trainable.CheckpointClock:
+    # at most 1/20 of its time on checkpoints, at most every 10 s), and always at its last one. A retried or resumed
+    # trial repeats the epochs since its checkpoint (MLflow keeps each epoch's first record).
+    checkpoint_every: Annotated[int, Field(ge=1, le=10_000)] | Literal["auto"] = "auto"
     reference: dict[str, float] = Field(default_factory=dict)  # published accuracies by cell label, for reports
     report: ReportConfig = ReportConfig()
     analysis: list[AnalysisKind] = Field(default_factory=list, max_length=2)  # every trial: lesion, attribution
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _every_or_auto(cls, every: Any) -> Any:
+        # One message for the union: pydantic's would list each branch ("constrained-int", "literal['auto']").
+        if every == "auto" or (isinstance(every, int) and not isinstance(every, bool) and 1 <= every <= 10_000):
+            return every
+        raise ValueError(f"expected a whole number of epochs from 1 to 10000, or 'auto' (got {every!r})")
 
     @field_validator("seeds")
     @classmethod

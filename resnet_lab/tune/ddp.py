@@ -15,7 +15,7 @@ from ray import tune
 
 from resnet_lab.outcome import OUTCOME_KEY
 from resnet_lab.spec import TrialConfig
-from resnet_lab.tune.trainable import RESUMED_KEY, TrialMeta, checkpoint_due, placement_of, trial_config
+from resnet_lab.tune.trainable import RESUMED_KEY, CheckpointClock, TrialMeta, placement_of, trial_config
 
 # The driver function only waits on its workers; Tune refuses a zero-resource request, so ask for a little memory.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
@@ -36,6 +36,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             resume = TrainState.load(directory)
 
+    clock = CheckpointClock(loop_config["checkpoint_every"])  # rank 0's decides: it alone writes checkpoints
+
     def report(epoch: Any) -> None:
         metrics = dict(epoch.metrics)
         if epoch.status is not None:  # the last report: how the trial ended, as the trainer decided
@@ -43,10 +45,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         if resume is not None:  # as single-worker trials: the record says from which epoch this run continued
             metrics[RESUMED_KEY] = resume.epoch
         # Every worker reports (Train waits for all); rank 0 alone writes the checkpoint, when one is due.
-        if rank != 0 or not checkpoint_due(epoch, loop_config["checkpoint_every"]):
+        if rank != 0 or not clock.due(epoch):
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as directory:
+        with clock.saving(), tempfile.TemporaryDirectory() as directory:
             epoch.state().save(directory)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
@@ -60,7 +62,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
 
 def train_trial_ddp(config: dict[str, Any], bases: dict[str, TrialConfig], workers: int, cpu: float, gpu: float,
-                    storage: str, checkpoint_every: int = 1) -> None:
+                    storage: str, checkpoint_every: int | str = "auto") -> None:
     """A Tune trial that trains data-parallel; a retried trial resumes Train's run of the same name."""
     import ray.train
     from ray.train.torch import TorchTrainer

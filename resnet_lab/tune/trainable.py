@@ -6,7 +6,9 @@ import base64
 import functools
 import math
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -80,15 +82,43 @@ def _cached_data(dataset: DatasetConfig, device: str) -> Any:
     return load_data(dataset, device)
 
 
-def checkpoint_due(epoch: Any, every: int) -> bool:
-    """Whether this epoch's report carries a checkpoint: every `every` epochs, and always the last one (its state
-    is the trial's result: `model.init` of a transfer sweep reads it)."""
-    return epoch.status is not None or epoch.epoch % every == 0
+# `checkpoint_every: auto`: a checkpoint once the training since the last one has taken at least this many times
+# what the last checkpoint took (so at most ~1/AUTO_COST_RATIO of a trial's time goes to checkpoints), and never
+# more often than every AUTO_MIN_INTERVAL_S (a retry repeats at most that much). Ray Tune's CheckpointConfig counts
+# iterations only (`checkpoint_frequency`), which cannot tell a 0.2 s epoch of a small CNN on a local disk from a
+# minute-long ResNet epoch whose checkpoint goes to S3; hence a clock of our own.
+AUTO_COST_RATIO = 20.0
+AUTO_MIN_INTERVAL_S = 10.0
 
 
-def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig], checkpoint_every: int = 1) -> None:
-    """Run one trial; report every epoch, with a checkpoint every `checkpoint_every` epochs and at the last one;
-    continue from Tune's checkpoint when restored."""
+class CheckpointClock:
+    """Which epoch's report carries a checkpoint: the last one always (its state is the trial's result: `model.init`
+    of a transfer sweep reads it), and every `every` epochs, or with "auto" by time (see AUTO_COST_RATIO)."""
+
+    def __init__(self, every: int | str, now: Callable[[], float] = time.monotonic) -> None:
+        self.every, self._now = every, now
+        self._since = now()  # the process's start: what a retry of it would repeat
+        self._cost_s = 0.0  # what the last checkpoint (state, save, upload through Tune) took
+
+    def due(self, epoch: Any) -> bool:
+        if epoch.status is not None:
+            return True
+        if self.every != "auto":
+            return bool(epoch.epoch % int(self.every) == 0)
+        return self._now() - self._since >= max(AUTO_MIN_INTERVAL_S, AUTO_COST_RATIO * self._cost_s)
+
+    @contextmanager
+    def saving(self) -> Iterator[None]:
+        """Around a checkpoint's save and report: its cost sets the next interval, and the interval restarts."""
+        start = self._now()
+        yield
+        self._since = self._now()
+        self._cost_s = self._since - start
+
+
+def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig], checkpoint_every: int | str = "auto") -> None:
+    """Run one trial; report every epoch, with a checkpoint when `CheckpointClock` says one is due and at the last
+    epoch; continue from Tune's checkpoint when restored."""
     # torch-bearing imports stay inside: the driver imports this module too and never needs torch.
     from resnet_lab.checkpoint import TrainState
     from resnet_lab.trainer import fit
@@ -104,6 +134,7 @@ def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig], checkpoin
             resume = TrainState.load(directory)
 
     node_id = ray.get_runtime_context().get_node_id()  # node_ip cannot tell apart nodes that share a host
+    clock = CheckpointClock(checkpoint_every)
 
     def report(epoch: Any) -> None:
         metrics = {**epoch.metrics, "node_id": node_id}
@@ -114,10 +145,10 @@ def train_trial(config: dict[str, Any], bases: dict[str, TrialConfig], checkpoin
         if epoch.artifacts:  # analysis figures (resnet_lab.analysis), a few tens of KB
             metrics[ARTIFACTS_KEY] = {name: base64.b64encode(data).decode("ascii")
                                       for name, data in epoch.artifacts.items()}
-        if not checkpoint_due(epoch, checkpoint_every):
+        if not clock.due(epoch):
             tune.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as directory:
+        with clock.saving(), tempfile.TemporaryDirectory() as directory:
             epoch.state().save(directory)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
