@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +18,8 @@ import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
+from mlflow import MlflowClient
+from procs import cmdline, descendants, kill_all, wait_until
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from resnet_lab.spec.load import load_spec
@@ -268,3 +275,70 @@ def test_guide_names_only_files_that_exist() -> None:
     assert all((ROOT / p).exists() for p in paths), sorted(p for p in paths if not (ROOT / p).exists())
     for command in ("ray up clusters/aws-gpu.yaml", "ray job submit --address", "ray down clusters/aws-gpu.yaml"):
         assert command in guide
+
+
+# --- the MLflow server each cluster starts ---------------------------------------------------------------------
+
+JOB_EXECUTION_OFF = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false"
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
+def test_launchers_start_mlflow_without_its_job_runner(path: Path) -> None:
+    """MLflow 3.17's server starts a job runner and 7 huey consumers unless told not to (~2 GB, ~45 CPU-s)."""
+    command = next(c for c in load(path)["head_start_ray_commands"] if "mlflow server" in c)
+    assert command.startswith(f"{JOB_EXECUTION_OFF} nohup mlflow server "), command
+    assert re.search(r" --workers [12] ", command), command
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return int(quantity[:-2]) * units[quantity[-2:]]
+
+
+@pytest.mark.slow
+def test_kuberay_mlflow_container_command_serves_within_its_memory_limit(tmp_path: Path) -> None:
+    """The mlflow container's own command and env, run here (paths and port swapped for local ones): it serves a
+    run, starts no job runner, and its processes together stay well inside the container's memory limit (the
+    default server, 3.2 GB here, would be OOM-killed at 2Gi)."""
+    head = pod_spec(kuberay_docs()["RayCluster"]["spec"]["headGroupSpec"])
+    container = next(c for c in head["containers"] if c["name"] == "mlflow")
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    assert env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION") == "false"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    local = {"--backend-store-uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+             "--artifacts-destination": (tmp_path / "artifacts").as_uri(), "--port": str(port)}
+    argv = list(container["command"])
+    assert argv[:2] == ["mlflow", "server"]
+    for flag, value in local.items():
+        argv[argv.index(flag) + 1] = value
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", *argv[1:]], cwd=tmp_path, env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def healthy() -> bool:
+            assert proc.poll() is None, "the mlflow container's command exited"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        wait_until(healthy, 300, "the mlflow container's server")
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        run = client.create_run(client.create_experiment("k8s"))
+        client.log_metric(run.info.run_id, "val/acc", 0.5)
+        assert client.get_run(run.info.run_id).data.metrics == {"val/acc": 0.5}
+        pids = [proc.pid, *descendants(proc.pid)]
+        assert not [cmdline(p) for p in pids if "huey" in cmdline(p) or "_job_runner" in cmdline(p)]
+        rss = 0
+        for pid in pids:
+            with open(f"/proc/{pid}/status") as f:
+                rss += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        limit = _bytes(container["resources"]["limits"]["memory"])
+        print(f"mlflow container: {len(pids)} processes, {rss / 2**30:.2f} GiB resident of a {limit / 2**30:.0f} GiB "
+              "limit")
+        assert rss < 0.6 * limit
+    finally:
+        kill_all([proc.pid, *descendants(proc.pid)], grace_s=10)
+        proc.wait(timeout=30)

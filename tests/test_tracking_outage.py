@@ -310,7 +310,8 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend, "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
-            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # as clusters/ run it
         wait_for(self.healthy, 300, f"mlflow server on port {self.port}", every_s=0.5)  # ~100 s on a busy 2-CPU box
 
     def healthy(self) -> bool:
