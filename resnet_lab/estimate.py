@@ -257,7 +257,9 @@ def estimate(loaded: LoadedSpec, uri: str | None = None, time_steps: bool = True
 # (The 1 Dec runs beside a test suite, with synchronous writes, came to 1.6 s at 200 trials and 0.6 s at 1,000.)
 # With a trial's writes sent as one request (later on 2 Dec): 0.32 s at 200 trials, 2 at a time, and the estimate
 # 0.95-1.09 of the wall time as run by the benchmark; 1 at a time (a core left to the driver) it came to 1.35-1.42:
-# this constant is the cost when the driver shares the cores with the trials.
+# this constant is the cost when the driver shares the cores with the trials. With checkpoints by time (third
+# session of 2 Dec): 1.03-1.20 from 50 to 1,000 trials at 2 at a time, 1.30-1.47 at 1 at a time, 1.03 on the
+# quick start.
 TRIAL_OVERHEAD_S = 0.6
 STARTUP_S = 30.0
 
