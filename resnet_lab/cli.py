@@ -209,8 +209,10 @@ def run(loaded: LoadedSpec, args: argparse.Namespace, argv: Sequence[str]) -> in
         console.info(f"regenerate the report with: python sweep.py report {args.spec} --tracking-uri {uri}")
     except Exception as exc:  # the sweep's results are safe in MLflow; a report problem must not hide that
         console.error(f"the sweep finished but its report failed: {type(exc).__name__}: {exc}")
-    console.info(f"compare runs: python sweep.py ui {args.spec} --tracking-uri {uri}  (or: mlflow ui "
-                 f"--backend-store-uri {uri} --host 127.0.0.1, then open "
+    # Job execution off, as `sweep.py ui` runs it: MLflow 3.17's server otherwise starts 8 more processes (~2 GB).
+    console.info(f"compare runs: python sweep.py ui {args.spec} --tracking-uri {uri}  (or: "
+                 f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {uri} --host 127.0.0.1 "
+                 "--workers 1, then open "
                  f"http://127.0.0.1:5000/#/experiments/{outcome.experiment_id}/runs)")
     return 0
 
