@@ -94,7 +94,7 @@ def server_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # MLflow 3.17's server otherwise starts a job runner and 7 huey consumers for GenAI jobs (evaluation, prompt
-    # optimisation) that a runs table never submits: ~2 GB of memory and over a minute of CPU at every start.
+    # optimisation) that a runs table never submits: ~2 GB of memory and ~45 CPU-s at every start.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     # MLflow 3.17's own import of starlette.middleware.wsgi warns on every start; nothing a user can act on.
     env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated")

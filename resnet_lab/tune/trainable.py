@@ -84,7 +84,8 @@ def _cached_data(dataset: DatasetConfig, device: str) -> Any:
 
 # `checkpoint_every: auto`: a checkpoint once the training since the last one has taken at least this many times
 # what the last checkpoint took (so at most ~1/AUTO_COST_RATIO of a trial's time goes to checkpoints), and never
-# more often than every AUTO_MIN_INTERVAL_S (a retry repeats at most that much). Ray Tune's CheckpointConfig counts
+# more often than every AUTO_MIN_INTERVAL_S; due at the first epoch's end past that interval, so a retry repeats
+# the interval or one epoch, whichever is longer. Ray Tune's CheckpointConfig counts
 # iterations only (`checkpoint_frequency`), which cannot tell a 0.2 s epoch of a small CNN on a local disk from a
 # minute-long ResNet epoch whose checkpoint goes to S3; hence a clock of our own.
 AUTO_COST_RATIO = 20.0
