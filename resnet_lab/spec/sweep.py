@@ -168,7 +168,7 @@ class SweepSpec(StrictModel):
     # A trial checkpoints every this many epochs, or with "auto" by time (resnet_lab.tune.trainable.CheckpointClock:
     # at most 1/20 of its time on checkpoints, at most every 10 s), and always at its last one. A retried or resumed
     # trial repeats the epochs since its checkpoint (MLflow keeps each epoch's first record).
-    checkpoint_every: Annotated[int, Field(ge=1, le=10_000)] | Literal["auto"] = "auto"
+    checkpoint_every: int | Literal["auto"] = "auto"  # bounds: _every_or_auto
     reference: dict[str, float] = Field(default_factory=dict)  # published accuracies by cell label, for reports
     report: ReportConfig = ReportConfig()
     analysis: list[AnalysisKind] = Field(default_factory=list, max_length=2)  # every trial: lesion, attribution

@@ -78,6 +78,12 @@ class TrackingUnavailable(RuntimeError):
     """The tracking store did not answer within the give-up deadline."""
 
 
+def chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    """`items` in consecutive lists of at most `size` (MLflow's per-request limits)."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
 def give_up_s() -> float:
     """The give-up deadline: $RESNET_LAB_TRACKING_GIVE_UP_S seconds, else 10 minutes."""
     raw = os.environ.get(GIVE_UP_ENV)
@@ -422,10 +428,9 @@ class Outbox:
         # Epochs and tags queued behind the create were merged into it (`Write.absorb`): they go with the last
         # request of params. An identical param re-logged by a retry is accepted.
         metrics, params, tags = self._entities(run_id, w)
-        size = BATCH_LIMITS["params"]
-        chunks = [params[start:start + size] for start in range(0, len(params), size)] or [[]]
-        for i, chunk in enumerate(chunks):
-            last = i == len(chunks) - 1
+        parts = list(chunks(params, BATCH_LIMITS["params"])) or [[]]
+        for i, chunk in enumerate(parts):
+            last = i == len(parts) - 1
             if chunk or (last and (metrics or tags)):
                 self.client.log_batch(run_id, params=chunk, metrics=metrics if last else [], tags=tags if last else [])
 

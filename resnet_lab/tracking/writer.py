@@ -29,6 +29,7 @@ from resnet_lab.tracking.outbox import (
     Outbox,
     TrackingUnavailable,
     Write,
+    chunks,
     give_up_s,
     outbox_for,
     retrying,
@@ -82,11 +83,6 @@ def quiet_mlflow() -> None:
     # Each failed SQL request is also logged there with its whole traceback (mlflow.store.db.utils); the error is
     # raised all the same and the outbox prints one line per outage instead of a traceback per retry.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-
-
-def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def _params(params: Mapping[str, Any]) -> list[Param]:
@@ -207,7 +203,7 @@ class SweepTracker:
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Params in batches of MLflow's limit; values as strings (MLflow stores them so)."""
-        for chunk in _chunks(_params(params), BATCH_LIMITS["params"]):
+        for chunk in chunks(_params(params), BATCH_LIMITS["params"]):
             self._put("batch", run_id, params=[(p.key, p.value) for p in chunk])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int,
@@ -219,8 +215,8 @@ class SweepTracker:
         now = int(time.time() * 1000)
         items = [(k, float(v), now, step) for k, v in metrics.items()]
         tag_items = [(k, str(v)) for k, v in (tags or {}).items()]
-        chunks = list(_chunks(items, BATCH_LIMITS["metrics"] - len(tag_items))) or [[]]  # 1000 entities a request
-        for i, chunk in enumerate(chunks):
+        parts = list(chunks(items, BATCH_LIMITS["metrics"] - len(tag_items))) or [[]]  # 1000 entities a request
+        for i, chunk in enumerate(parts):
             self._put("batch", run_id, metrics=chunk, tags=tag_items if i == 0 else [])
 
     def last_step(self, run_id: str) -> int:
